@@ -1,0 +1,16 @@
+//! Generates the gRPC code and the reflection descriptor from `proto/` with `protox`, a pure-Rust
+//! protobuf compiler, so a fresh machine needs nothing but cargo (no system `protoc`).
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/headcount/v1/headcount.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out.join("headcount_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! The aggregator's shared state and its write path: identify a reporter, hand it its registers
+//! (resume), apply its batches under the counting rule, keep rollups, liveness and the audit trail.
+//!
+//! `Aggregator` is a cheap `Clone` handle over `Arc<Shared>`; every gRPC stream holds one.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crossbeam_utils::CachePadded;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    audit::Audit,
+    curve::Curve,
+    error::Error,
+    liveness::Liveness,
+    registers::{Outcome, Register, RegisterKey, Registers},
+    registry::Registry,
+    tally::Tallies,
+};
+use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch, Resume};
+
+/// Tunables of the aggregator's model (transport limits live in the server config).
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// A site that sent nothing for this long is silent.
+    pub silent_after: Duration,
+    /// How often silence and over-capacity are recomputed.
+    pub sweep_interval: Duration,
+    /// Hard ceiling on a register's count (above: `OUT_OF_RANGE`).
+    pub max_count: i64,
+    /// Most reports in one batch (above: the whole batch is rejected).
+    pub max_batch: usize,
+    /// Longest correction reason, bytes.
+    pub max_reason: usize,
+    /// Width of a check-in curve bucket.
+    pub curve_bucket: Duration,
+    /// How many curve buckets are kept.
+    pub curve_capacity: usize,
+    /// How many corrections the audit trail keeps.
+    pub audit_capacity: usize,
+    /// How often watchers get coalesced updates.
+    pub publish_tick: Duration,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        Self {
+            silent_after: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(1),
+            max_count: 100_000,
+            max_batch: 1024,
+            max_reason: 256,
+            curve_bucket: Duration::from_secs(60),
+            curve_capacity: 7 * 24 * 60,
+            audit_capacity: 100_000,
+            publish_tick: Duration::from_millis(250),
+        }
+    }
+}
+
+/// An authenticated reporter: one desk of one site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReporterId {
+    /// Site index.
+    pub site: u32,
+    /// Desk number.
+    pub desk: u16,
+}
+
+const STAT_SHARDS: usize = 16;
+
+/// Sharded monotone counter for statistics (hot: bumped per report).
+struct StatCounter([CachePadded<AtomicU64>; STAT_SHARDS]);
+
+impl StatCounter {
+    fn new() -> Self {
+        Self(std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))))
+    }
+    #[inline]
+    fn add(&self, shard: u32, n: u64) {
+        self.0[shard as usize % STAT_SHARDS].fetch_add(n, Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.0.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
+/// Counters describing what the aggregator did since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Reports that changed a register.
+    pub applied: u64,
+    /// Stale or duplicate reports (no change).
+    pub unchanged: u64,
+    /// Rejected reports.
+    pub rejected: u64,
+    /// Batches received.
+    pub batches: u64,
+}
+
+/// Everything the aggregator shares between streams.
+pub struct Shared {
+    /// The immutable registry.
+    pub registry: Registry,
+    /// Model tunables.
+    pub config: AggregatorConfig,
+    /// Register store: the source of truth.
+    pub registers: Registers,
+    /// Rollups derived from the registers.
+    pub tallies: Tallies,
+    /// Reporting / silent sites.
+    pub liveness: Liveness,
+    /// Sampled check-in curve.
+    pub curve: Curve,
+    /// Corrections.
+    pub audit: Audit,
+    applied: StatCounter,
+    unchanged: StatCounter,
+    rejected: StatCounter,
+    batches: StatCounter,
+    /// Cancelled when the aggregator shuts down; streams and watchers end with it.
+    pub shutdown: CancellationToken,
+}
+
+/// Handle to the aggregator.
+#[derive(Clone)]
+pub struct Aggregator {
+    shared: Arc<Shared>,
+}
+
+/// Wall-clock Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Aggregator {
+    /// A fresh aggregator (all registers zero) over a registry.
+    pub fn new(registry: Registry, config: AggregatorConfig) -> Self {
+        let tallies = Tallies::new(&registry);
+        let liveness = Liveness::new(registry.sites.len(), config.silent_after.as_millis() as i64);
+        let curve = Curve::new(config.curve_bucket.as_millis() as i64, config.curve_capacity);
+        let audit = Audit::new(config.audit_capacity);
+        Self {
+            shared: Arc::new(Shared {
+                registry,
+                config,
+                registers: Registers::new(),
+                tallies,
+                liveness,
+                curve,
+                audit,
+                applied: StatCounter::new(),
+                unchanged: StatCounter::new(),
+                rejected: StatCounter::new(),
+                batches: StatCounter::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The shared state (read side).
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// Statistics since start.
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        Stats {
+            applied: s.applied.get(),
+            unchanged: s.unchanged.get(),
+            rejected: s.rejected.get(),
+            batches: s.batches.get(),
+        }
+    }
+
+    /// Resolves a site id and desk number to a reporter.
+    pub fn reporter(&self, site_id: &str, desk: u32) -> Result<ReporterId, Error> {
+        let registry = &self.shared.registry;
+        let site = registry.site(site_id).ok_or_else(|| Error::UnknownSite(site_id.to_owned()))?;
+        let desks = registry.sites[site as usize].desks;
+        if desk == 0 || desk > u32::from(desks) {
+            return Err(Error::UnknownDesk { site: site_id.to_owned(), desk, desks });
+        }
+        Ok(ReporterId { site, desk: desk as u16 })
+    }
+
+    /// The resume handshake: what the aggregator holds for this reporter.
+    pub fn resume(&self, r: ReporterId) -> Resume {
+        let s = &self.shared;
+        let registers = s
+            .registry
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, session)| {
+                let reg = s.registers.get(RegisterKey { site: r.site, desk: r.desk, session: i as u16 });
+                (reg.seq > 0).then_some(RegisterState { session: session.id, seq: reg.seq, count: reg.count })
+            })
+            .collect();
+        s.liveness.touch(r.site, now_ms(), &s.tallies);
+        Resume {
+            site_id: s.registry.sites[r.site as usize].id.clone(),
+            desk: u32::from(r.desk),
+            registers,
+            sessions: s.registry.sessions.iter().map(|x| x.id).collect(),
+        }
+    }
+
+    /// A heartbeat: the site is alive.
+    pub fn heartbeat(&self, r: ReporterId) {
+        let s = &self.shared;
+        s.liveness.touch(r.site, now_ms(), &s.tallies);
+    }
+
+    /// Checks a report without touching any state.
+    fn validate(&self, report: &Report) -> Result<u16, Error> {
+        let s = &self.shared;
+        let session = s.registry.session(report.session).ok_or(Error::UnknownSession(report.session))?;
+        if report.seq == 0 {
+            return Err(Error::InvalidArgument("seq must be >= 1".into()));
+        }
+        if report.count < 0 {
+            return Err(Error::InvalidArgument(format!("count {} is negative", report.count)));
+        }
+        if report.count > s.config.max_count {
+            return Err(Error::OutOfRange(format!(
+                "count {} is above the ceiling of {} per desk and session",
+                report.count, s.config.max_count
+            )));
+        }
+        if report.reason.len() > s.config.max_reason {
+            return Err(Error::InvalidArgument(format!(
+                "reason is {} bytes, at most {} allowed",
+                report.reason.len(),
+                s.config.max_reason
+            )));
+        }
+        Ok(session)
+    }
+
+    /// Applies one report. On success returns the register's stored state afterwards.
+    pub fn apply(&self, r: ReporterId, report: &Report, now: i64) -> Result<Register, Error> {
+        let s = &self.shared;
+        let session = self.validate(report)?;
+        let key = RegisterKey { site: r.site, desk: r.desk, session };
+        match s.registers.apply(key, report.seq, report.count) {
+            Outcome::Applied { previous, current } => {
+                let delta = current.count - previous.count;
+                if delta != 0 {
+                    s.tallies.add(r.site, session as usize, delta, now);
+                }
+                s.applied.add(r.site, 1);
+                if delta < 0 {
+                    s.audit.record(Correction {
+                        site_id: s.registry.sites[r.site as usize].id.clone(),
+                        desk: u32::from(r.desk),
+                        session: report.session,
+                        seq: report.seq,
+                        previous_count: previous.count,
+                        count: current.count,
+                        reason: report.reason.clone(),
+                        unix_ms: now,
+                    });
+                }
+                Ok(current)
+            }
+            Outcome::Unchanged(stored) => {
+                s.unchanged.add(r.site, 1);
+                Ok(stored)
+            }
+            Outcome::Conflict(stored) => {
+                tracing::warn!(
+                    site = %s.registry.sites[r.site as usize].id, desk = r.desk, session = report.session,
+                    seq = report.seq, stored = stored.count, reported = report.count,
+                    "conflicting report rejected"
+                );
+                Err(Error::Conflict { seq: report.seq, stored: stored.count, reported: report.count })
+            }
+        }
+    }
+
+    /// Applies a batch report by report and builds its ack.
+    pub fn apply_batch(&self, r: ReporterId, batch: &ReportBatch) -> Ack {
+        let s = &self.shared;
+        let now = now_ms();
+        s.batches.add(r.site, 1);
+        s.liveness.touch(r.site, now, &s.tallies);
+        let mut ack = Ack::default();
+        if batch.reports.len() > s.config.max_batch {
+            let err = Error::InvalidArgument(format!(
+                "batch has {} reports, at most {} allowed; nothing applied",
+                batch.reports.len(),
+                s.config.max_batch
+            ));
+            s.rejected.add(r.site, batch.reports.len() as u64);
+            ack.rejections = batch.reports.iter().map(|rep| self.rejection(r, rep, &err)).collect();
+            return ack;
+        }
+        for report in &batch.reports {
+            match self.apply(r, report, now) {
+                Ok(reg) => {
+                    // One entry per session: a later report of the same session supersedes.
+                    match ack.applied.iter_mut().find(|a| a.session == report.session) {
+                        Some(a) => {
+                            a.seq = reg.seq;
+                            a.count = reg.count;
+                        }
+                        None => {
+                            ack.applied.push(RegisterState { session: report.session, seq: reg.seq, count: reg.count })
+                        }
+                    }
+                }
+                Err(err) => {
+                    s.rejected.add(r.site, 1);
+                    tracing::debug!(
+                        site = %s.registry.sites[r.site as usize].id, desk = r.desk,
+                        session = report.session, seq = report.seq, error = %err, "report rejected"
+                    );
+                    ack.rejections.push(self.rejection(r, report, &err));
+                }
+            }
+        }
+        ack
+    }
+
+    fn rejection(&self, r: ReporterId, report: &Report, err: &Error) -> Rejection {
+        let s = &self.shared;
+        let current = s.registry.session(report.session).map(|session| {
+            let reg = s.registers.get(RegisterKey { site: r.site, desk: r.desk, session });
+            RegisterState { session: report.session, seq: reg.seq, count: reg.count }
+        });
+        Rejection {
+            session: report.session,
+            seq: report.seq,
+            code: err.code() as i32,
+            message: err.to_string(),
+            current,
+        }
+    }
+
+    /// Runs the periodic sweep (silence, over-capacity) and curve sampling until shutdown.
+    pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
+        let agg = self.clone();
+        tokio::spawn(async move {
+            let s = &agg.shared;
+            let period = s.config.sweep_interval.min(s.config.curve_bucket).max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = s.shutdown.cancelled() => break,
+                }
+                agg.sweep_now();
+            }
+        })
+    }
+
+    /// One sweep and one curve sample, now.
+    pub fn sweep_now(&self) {
+        let s = &self.shared;
+        let now = now_ms();
+        s.liveness.sweep(now, &s.registry, &s.tallies);
+        let bucket = s.curve.bucket_start(now);
+        s.curve.push(Curve::read(&s.tallies, s.registry.provinces.len(), bucket));
+    }
+
+    /// Asks every stream and watcher to end.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+}

@@ -1,0 +1,73 @@
+//! `headcount-server`: the aggregator. Parses flags, sets up logging, binds, serves until
+//! SIGINT/SIGTERM, then drains gracefully.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use headcount::server::{Aggregator, Auth, config::ServerArgs, serve};
+use tokio::net::TcpListener;
+
+/// Headcount aggregator: receives site check-in streams and serves live national totals.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let cli = Cli::parse();
+    match run(cli.server).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("headcount-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: ServerArgs) -> Result<(), String> {
+    let auth = Auth::new(args.auth_secret.as_bytes()).map_err(|e| e.to_string())?;
+    let registry = args.registry().map_err(|e| e.to_string())?;
+    tracing::info!(
+        sites = registry.sites.len(),
+        communes = registry.communes.len(),
+        provinces = registry.provinces.len(),
+        sessions = registry.sessions.len(),
+        registered = registry.registered_total(),
+        "registry loaded"
+    );
+    let agg = Aggregator::new(registry, args.aggregator());
+    let listener =
+        TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(addr = %args.listen, "serving");
+    serve(listener, agg, auth, args.transport(), shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,103 @@
+//! Aggregator settings: command-line flags (each with an environment variable) and their defaults.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use super::{
+    aggregator::AggregatorConfig,
+    registry::{
+        self, Registry,
+        generate::{DEFAULT_SEED, GenerateOptions},
+    },
+    serve::Transport,
+};
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Flags of the aggregator (`headcount-server`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HEADCOUNT_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Registry sites file (CSV, see README). Without it, the built-in reference registry.
+    #[arg(long, env = "HEADCOUNT_SITES", requires = "sessions")]
+    pub sites: Option<PathBuf>,
+    /// Registry sessions file (CSV, see README).
+    #[arg(long, env = "HEADCOUNT_SESSIONS", requires = "sites")]
+    pub sessions: Option<PathBuf>,
+    /// Seed of the built-in reference registry (when no --sites is given).
+    #[arg(long, env = "HEADCOUNT_SEED", default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Secret that signs site and read tokens (at least 16 bytes). Mint tokens with `headcount token`.
+    #[arg(long, env = "HEADCOUNT_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: String,
+    /// A site that sent nothing (report or heartbeat) for this long is flagged silent.
+    #[arg(long, env = "HEADCOUNT_SILENT_AFTER", default_value = "60s", value_parser = duration)]
+    pub silent_after: Duration,
+    /// How often watchers receive coalesced updates.
+    #[arg(long, env = "HEADCOUNT_PUBLISH_TICK", default_value = "250ms", value_parser = duration)]
+    pub publish_tick: Duration,
+    /// Width of a check-in curve bucket.
+    #[arg(long, env = "HEADCOUNT_CURVE_BUCKET", default_value = "60s", value_parser = duration)]
+    pub curve_bucket: Duration,
+    /// Hard ceiling on one desk's count for one session (above: OUT_OF_RANGE).
+    #[arg(long, env = "HEADCOUNT_MAX_COUNT", default_value_t = 100_000)]
+    pub max_count: i64,
+    /// Most concurrent streams on one HTTP/2 connection (tonic's default is unlimited).
+    #[arg(long, env = "HEADCOUNT_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
+    pub max_streams_per_connection: u32,
+    /// HTTP/2 keepalive ping interval: half-open connections are reaped.
+    #[arg(long, env = "HEADCOUNT_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "HEADCOUNT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
+    /// Largest accepted message, bytes.
+    #[arg(long, env = "HEADCOUNT_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
+    pub max_message_bytes: usize,
+    /// On SIGINT/SIGTERM, how long streams get to finish before the process exits anyway.
+    #[arg(long, env = "HEADCOUNT_GRACE", default_value = "10s", value_parser = duration)]
+    pub grace: Duration,
+}
+
+/// Why the aggregator cannot start with these settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The registry files are unusable.
+    #[error("registry: {0}")]
+    Registry(#[from] registry::csv::LoadError),
+}
+
+impl ServerArgs {
+    /// Loads the registry the flags point at.
+    pub fn registry(&self) -> Result<Registry, ConfigError> {
+        match (&self.sites, &self.sessions) {
+            (Some(sites), Some(sessions)) => Ok(registry::csv::load(sites, sessions)?),
+            _ => Ok(registry::generate::generate(&GenerateOptions { seed: self.seed, ..GenerateOptions::default() })),
+        }
+    }
+
+    /// The model settings.
+    pub fn aggregator(&self) -> AggregatorConfig {
+        AggregatorConfig {
+            silent_after: self.silent_after,
+            publish_tick: self.publish_tick,
+            curve_bucket: self.curve_bucket,
+            max_count: self.max_count,
+            ..AggregatorConfig::default()
+        }
+    }
+
+    /// The transport settings.
+    pub fn transport(&self) -> Transport {
+        Transport {
+            max_streams_per_connection: self.max_streams_per_connection,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            max_message_bytes: self.max_message_bytes,
+            grace: self.grace,
+        }
+    }
+}

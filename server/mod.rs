@@ -1,0 +1,25 @@
+//! The aggregator: keeps exact live tallies of every site's check-ins and serves them over gRPC.
+//!
+//! Write path: [`ingest`] → [`aggregator`] → [`registers`] (the counting rule) → [`tally`]
+//! (rollups). Read path: [`totals_service`] → [`query`]. Background: [`liveness`] sweep and
+//! [`curve`] sampling. [`serve`] puts it on the network.
+
+pub mod aggregator;
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod curve;
+pub mod error;
+pub mod ingest;
+pub mod liveness;
+pub mod query;
+pub mod registers;
+pub mod registry;
+pub mod serve;
+pub mod tally;
+pub mod totals_service;
+
+pub use aggregator::{Aggregator, AggregatorConfig};
+pub use auth::Auth;
+pub use error::Error;
+pub use serve::{RunningServer, Transport, serve};

@@ -1,0 +1,163 @@
+//! Runs the gRPC server: Ingest, Totals, health and reflection on one listener, with explicit
+//! HTTP/2 limits and a graceful drain on shutdown.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::{aggregator::Aggregator, auth::Auth, ingest::IngestService, totals_service::TotalsService};
+use crate::proto::v1::{FILE_DESCRIPTOR_SET, ingest_server::IngestServer, totals_server::TotalsServer};
+
+/// Transport limits. tonic leaves most of these unlimited or off by default; we set them all.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_streams_per_connection: u32,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// Keepalive ping timeout.
+    pub keepalive_timeout: Duration,
+    /// Largest message.
+    pub max_message_bytes: usize,
+    /// Drain grace period on shutdown.
+    pub grace: Duration,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_message_bytes: 256 * 1024,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why serving stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection descriptor could not be loaded.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` resolves, then drains for at most `transport.grace`.
+pub async fn serve(
+    listener: TcpListener,
+    agg: Aggregator,
+    auth: Auth,
+    transport: Transport,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<IngestServer<IngestService>>().await;
+    health.set_serving::<TotalsServer<TotalsService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max = transport.max_message_bytes;
+    let ingest = IngestServer::new(IngestService::new(agg.clone(), auth.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let totals = TotalsServer::new(TotalsService::new(agg.clone(), auth))
+        // A national breakdown of all communes can be large; answers are bounded by the registry.
+        .max_encoding_message_size(64 * 1024 * 1024)
+        .max_decoding_message_size(max);
+
+    let background = agg.spawn_background();
+    let (draining_tx, draining_rx) = oneshot::channel::<()>();
+    let stopper = agg.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: refusing new streams, ending open ones");
+        health.set_not_serving::<IngestServer<IngestService>>().await;
+        stopper.shutdown();
+        let _ = draining_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(transport.max_streams_per_connection)
+        .http2_keepalive_interval(Some(transport.keepalive_interval))
+        .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(100))
+        .http2_max_local_error_reset_streams(Some(1024))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ingest)
+        .add_service(totals)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let grace = transport.grace;
+    let deadline = async move {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        () = deadline => {
+            tracing::warn!(grace = ?grace, "grace period over; closing remaining connections");
+            Ok(())
+        }
+    };
+    agg.shutdown();
+    background.abort();
+    result
+}
+
+/// A server running in this process (tests, the simulation, benchmarks).
+pub struct RunningServer {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// The aggregator behind it.
+    pub aggregator: Aggregator,
+    stop: Option<oneshot::Sender<()>>,
+    join: JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningServer {
+    /// Binds `addr` (use port 0 for an ephemeral port) and serves in a background task.
+    pub async fn start(addr: SocketAddr, agg: Aggregator, auth: Auth, transport: Transport) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let aggregator = agg.clone();
+        let join = tokio::spawn(serve(listener, agg, auth, transport, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self { addr, aggregator, stop: Some(stop), join })
+    }
+
+    /// `http://addr` for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Shuts down gracefully and waits; re-raises a panic of the server task.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.join).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Rollup tallies kept on write: per (level, node, session) counters, so any total is an O(1) read.
+//!
+//! Every applied report adds its delta to four nodes (site, commune, province, national). The
+//! national node is touched by every report and a province node by ~1/34 of them; with one atomic
+//! each, all cores would fight over one cache line (measured upstream: two threads slower than
+//! one). Those hot nodes are therefore split into cache-padded shards chosen by site index and
+//! summed on read; communes and sites are touched rarely enough to keep a single cell.
+
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::Relaxed};
+
+use crossbeam_utils::CachePadded;
+
+use super::registry::Registry;
+
+/// A level of the hierarchy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Level {
+    /// The country (one node).
+    National,
+    /// Provinces.
+    Province,
+    /// Communes.
+    Commune,
+    /// Sites.
+    Site,
+}
+
+/// A node of the hierarchy: a level and an index within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Node {
+    /// Level.
+    pub level: Level,
+    /// Index at that level (0 for national).
+    pub index: u32,
+}
+
+impl Node {
+    /// The national node.
+    pub const NATIONAL: Node = Node { level: Level::National, index: 0 };
+}
+
+#[derive(Default)]
+struct Cell {
+    count: AtomicI64,
+    /// Unix ms of the last change (max over writers).
+    changed_ms: AtomicI64,
+}
+
+/// The counters of one level.
+struct LevelCells {
+    sessions: usize,
+    shards: usize,
+    cells: Box<[CachePadded<Cell>]>,
+    /// Sites reporting, per node (maintained by the liveness tracker).
+    reporting: Box<[AtomicU32]>,
+    /// Sites over capacity, per node and per session plus one slot for "any session".
+    over_capacity: Box<[AtomicU32]>,
+}
+
+impl LevelCells {
+    fn new(nodes: usize, sessions: usize, shards: usize) -> Self {
+        Self {
+            sessions,
+            shards,
+            cells: (0..nodes * sessions * shards).map(|_| CachePadded::new(Cell::default())).collect(),
+            reporting: (0..nodes).map(|_| AtomicU32::new(0)).collect(),
+            over_capacity: (0..nodes * (sessions + 1)).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    #[inline]
+    fn cell(&self, node: u32, session: usize, shard: usize) -> &Cell {
+        &self.cells[(node as usize * self.sessions + session) * self.shards + shard % self.shards]
+    }
+
+    fn read(&self, node: u32, session: Option<usize>) -> (i64, i64) {
+        let sessions = match session {
+            Some(s) => s..s + 1,
+            None => 0..self.sessions,
+        };
+        let mut count = 0;
+        let mut changed = 0;
+        for s in sessions {
+            for shard in 0..self.shards {
+                let c = self.cell(node, s, shard);
+                count += c.count.load(Relaxed);
+                changed = changed.max(c.changed_ms.load(Relaxed));
+            }
+        }
+        (count, changed)
+    }
+}
+
+/// A point-in-time reading of one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reading {
+    /// Checked-in delegates.
+    pub count: i64,
+    /// Unix ms of the last change (0: never).
+    pub changed_ms: i64,
+    /// Sites reporting.
+    pub reporting: u32,
+    /// Sites over capacity.
+    pub over_capacity: u32,
+}
+
+/// All rollups.
+pub struct Tallies {
+    levels: [LevelCells; 4],
+    site_province: Box<[u32]>,
+    site_commune: Box<[u32]>,
+    sessions: usize,
+}
+
+const NATIONAL_SHARDS: usize = 32;
+const PROVINCE_SHARDS: usize = 4;
+
+impl Tallies {
+    /// Zeroed tallies shaped like the registry.
+    pub fn new(registry: &Registry) -> Self {
+        let sessions = registry.sessions.len();
+        Self {
+            levels: [
+                LevelCells::new(1, sessions, NATIONAL_SHARDS),
+                LevelCells::new(registry.provinces.len(), sessions, PROVINCE_SHARDS),
+                LevelCells::new(registry.communes.len(), sessions, 1),
+                LevelCells::new(registry.sites.len(), sessions, 1),
+            ],
+            site_province: registry.sites.iter().map(|s| s.province).collect(),
+            site_commune: registry.sites.iter().map(|s| s.commune).collect(),
+            sessions,
+        }
+    }
+
+    fn level(&self, level: Level) -> &LevelCells {
+        &self.levels[level as usize]
+    }
+
+    /// The four nodes a site rolls up into, site first.
+    #[inline]
+    pub fn path(&self, site: u32) -> [Node; 4] {
+        [
+            Node { level: Level::Site, index: site },
+            Node { level: Level::Commune, index: self.site_commune[site as usize] },
+            Node { level: Level::Province, index: self.site_province[site as usize] },
+            Node::NATIONAL,
+        ]
+    }
+
+    /// Adds `delta` check-ins of `session` at `site` to every level. O(1), lock-free.
+    #[inline]
+    pub fn add(&self, site: u32, session: usize, delta: i64, now_ms: i64) {
+        for node in self.path(site) {
+            let cell = self.level(node.level).cell(node.index, session, site as usize);
+            cell.count.fetch_add(delta, Relaxed);
+            cell.changed_ms.fetch_max(now_ms, Relaxed);
+        }
+    }
+
+    /// Adds `delta` to the reporting-sites counter of every level above and at `site`.
+    pub fn add_reporting(&self, site: u32, delta: i32) {
+        for node in self.path(site) {
+            let r = &self.level(node.level).reporting[node.index as usize];
+            if delta >= 0 {
+                r.fetch_add(delta.unsigned_abs(), Relaxed);
+            } else {
+                r.fetch_sub(delta.unsigned_abs(), Relaxed);
+            }
+        }
+    }
+
+    /// Replaces the over-capacity counters of a level (computed by the liveness sweep).
+    /// `values[node * (sessions + 1) + slot]`, slot `sessions` meaning "any session".
+    pub fn store_over_capacity(&self, level: Level, values: &[u32]) {
+        for (cell, v) in self.level(level).over_capacity.iter().zip(values) {
+            cell.store(*v, Relaxed);
+        }
+    }
+
+    /// Reads a node for one session (`Some(index)`) or all sessions. O(sessions × shards).
+    pub fn read(&self, node: Node, session: Option<usize>) -> Reading {
+        let level = self.level(node.level);
+        let (count, changed_ms) = level.read(node.index, session);
+        let slot = session.unwrap_or(self.sessions);
+        Reading {
+            count,
+            changed_ms,
+            reporting: level.reporting[node.index as usize].load(Relaxed),
+            over_capacity: level.over_capacity[node.index as usize * (self.sessions + 1) + slot].load(Relaxed),
+        }
+    }
+
+    /// Number of sessions.
+    pub fn sessions(&self) -> usize {
+        self.sessions
+    }
+}

@@ -1,0 +1,133 @@
+//! The Totals gRPC service: read-only queries and coalesced watches for dashboards.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{
+    aggregator::{Aggregator, now_ms},
+    auth::Auth,
+    tally::Node,
+};
+use crate::proto::v1::{
+    BreakdownOrder, BreakdownRequest, BreakdownResponse, CorrectionsRequest, CorrectionsResponse, CurveRequest,
+    CurveResponse, ScopeTotals, SilentSitesRequest, SilentSitesResponse, TotalsRequest, WatchRequest, WatchUpdate,
+    totals_server::Totals,
+};
+
+/// Updates buffered per watcher. Small on purpose: a watcher that falls behind is skipped ahead
+/// to the latest state instead of queueing stale ones.
+const WATCH_BUFFER: usize = 2;
+
+/// The Totals service.
+#[derive(Clone)]
+pub struct TotalsService {
+    agg: Aggregator,
+    auth: Auth,
+}
+
+impl TotalsService {
+    /// A service over an aggregator.
+    pub fn new(agg: Aggregator, auth: Auth) -> Self {
+        Self { agg, auth }
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.auth.verify_metadata(req.metadata())?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Totals for TotalsService {
+    async fn get_totals(&self, req: Request<TotalsRequest>) -> Result<Response<ScopeTotals>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let node = self.agg.node(r.scope.as_ref())?;
+        let session = self.agg.session_index(r.session)?;
+        Ok(Response::new(self.agg.totals_of(node, session)))
+    }
+
+    async fn breakdown(&self, req: Request<BreakdownRequest>) -> Result<Response<BreakdownResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let node = self.agg.node(r.scope.as_ref())?;
+        let session = self.agg.session_index(r.session)?;
+        let order = BreakdownOrder::try_from(r.order)
+            .map_err(|_| Status::invalid_argument(format!("unknown breakdown order {}", r.order)))?;
+        Ok(Response::new(self.agg.breakdown(node, session, order, r.limit as usize)?))
+    }
+
+    async fn silent_sites(&self, req: Request<SilentSitesRequest>) -> Result<Response<SilentSitesResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let node = self.agg.node(r.scope.as_ref())?;
+        Ok(Response::new(self.agg.silent_sites(node, r.limit as usize)))
+    }
+
+    async fn curve(&self, req: Request<CurveRequest>) -> Result<Response<CurveResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let node = self.agg.node(r.scope.as_ref())?;
+        let session = self.agg.session_index(r.session)?;
+        Ok(Response::new(self.agg.curve(node, session)?))
+    }
+
+    async fn corrections(&self, req: Request<CorrectionsRequest>) -> Result<Response<CorrectionsResponse>, Status> {
+        self.authorize(&req)?;
+        let limit = req.into_inner().limit as usize;
+        Ok(Response::new(CorrectionsResponse { corrections: self.agg.shared().audit.newest(limit) }))
+    }
+
+    type WatchStream = ReceiverStream<Result<WatchUpdate, Status>>;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let node = self.agg.node(r.scope.as_ref())?;
+        let session = self.agg.session_index(r.session)?;
+        let children = if r.include_children { self.agg.children(node)? } else { Vec::new() };
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let tick = self.agg.shared().config.publish_tick;
+        tokio::spawn(publish(self.agg.clone(), node, session, children, tick, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Feeds one watcher: a snapshot at once, then on each tick the latest state if it changed.
+/// Only this task waits on a slow watcher; ingest never does.
+async fn publish(
+    agg: Aggregator,
+    node: Node,
+    session: Option<usize>,
+    children: Vec<Node>,
+    tick: Duration,
+    tx: mpsc::Sender<Result<WatchUpdate, Status>>,
+) {
+    let shutdown = agg.shared().shutdown.clone();
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last: Option<(ScopeTotals, Vec<ScopeTotals>)> = None;
+    let mut sequence = 0;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = shutdown.cancelled() => break,
+            () = tx.closed() => break,
+        }
+        let totals = agg.totals_of(node, session);
+        let kids: Vec<ScopeTotals> = children.iter().map(|c| agg.totals_of(*c, session)).collect();
+        if last.as_ref().is_some_and(|(t, k)| *t == totals && *k == kids) {
+            continue;
+        }
+        let update = WatchUpdate { totals: Some(totals.clone()), children: kids.clone(), sequence, unix_ms: now_ms() };
+        tokio::select! {
+            sent = tx.send(Ok(update)) => if sent.is_err() { break },
+            () = shutdown.cancelled() => break,
+        }
+        last = Some((totals, kids));
+        sequence += 1;
+    }
+}

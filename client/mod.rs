@@ -1,1 +1,7 @@
-//! Client side: the site agent ([`reporter`]), the dashboard tools and the national simulation.
+//! Client side: the site agent library ([`reporter`]) and binary logic ([`site`]), the dashboard
+//! tools ([`dashboard`]) and the national simulation ([`simulate`]).
+
+pub mod connect;
+pub mod reporter;
+
+pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};

@@ -5,3 +5,6 @@ pub mod connect;
 pub mod reporter;
 
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
+pub mod dashboard;
+pub mod simulate;
+pub mod site;

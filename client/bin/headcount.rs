@@ -1,1 +1,274 @@
-fn main() {}
+//! `headcount`: the national simulation (default), the site agent, the dashboard CLI, token minting
+//! and registry generation. Thin: parses flags, sets up logging, calls the library.
+
+use std::{io::Write, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Parser, Subcommand};
+use headcount::{
+    client::{
+        Reporter, ReporterConfig,
+        connect::lazy_channel,
+        dashboard::{self, parse_scope},
+        reporter::state::FileStore,
+        simulate::{self, SimulateArgs},
+        site,
+    },
+    server::{
+        Auth,
+        registry::{
+            csv as registry_csv,
+            generate::{DEFAULT_SEED, GenerateOptions, generate},
+        },
+    },
+};
+
+/// Headcount: exact, live national check-in counting.
+///
+/// With no command, runs the national simulation (10,035 sites on an in-process aggregator) and
+/// checks every total against the ground truth.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the national simulation and verify every total (the default).
+    Simulate(SimulateArgs),
+    /// Site agent: report check-ins read from standard input (one line per check-in, `+N`, or
+    /// `=N reason` to correct the count); exits once everything is acknowledged.
+    Site(SiteArgs),
+    /// Print the totals of a scope and the table of its children.
+    Totals(ReadArgs),
+    /// Follow a scope live.
+    Watch(WatchArgs),
+    /// Mint tokens (needs the aggregator's secret).
+    Token(TokenArgs),
+    /// Write the reference registry as CSV files.
+    Registry(RegistryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SiteArgs {
+    /// Aggregator URL.
+    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// This site's id.
+    #[arg(long, env = "HEADCOUNT_SITE")]
+    site: String,
+    /// This desk's number (1-based).
+    #[arg(long, env = "HEADCOUNT_DESK", default_value_t = 1)]
+    desk: u32,
+    /// Session the check-ins belong to.
+    #[arg(long, env = "HEADCOUNT_SESSION")]
+    session: u32,
+    /// This site's token (`headcount token site ID`).
+    #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Local state file (written atomically before every send). Default: `headcount-SITE-DESK.json`.
+    #[arg(long, env = "HEADCOUNT_STATE_FILE")]
+    state_file: Option<PathBuf>,
+    /// At end of input, how long to wait for the last acknowledgement.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    flush_timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReadArgs {
+    /// Aggregator URL.
+    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// A read token (`headcount token read`).
+    #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// `national`, `province:CODE`, `commune:ID` or `site:ID`.
+    #[arg(long, default_value = "national")]
+    scope: String,
+    /// Session id (default: all sessions).
+    #[arg(long)]
+    session: Option<u32>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    read: ReadArgs,
+    /// Include the children's table in each update.
+    #[arg(long)]
+    children: bool,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// The aggregator's secret.
+    #[arg(long, env = "HEADCOUNT_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: String,
+    #[command(subcommand)]
+    kind: TokenKind,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenKind {
+    /// A token that reports for one site.
+    Site {
+        /// Site id.
+        id: String,
+    },
+    /// A read-only token.
+    Read {
+        /// Whose token (shows in logs).
+        #[arg(default_value = "dashboard")]
+        label: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RegistryArgs {
+    /// Directory to write `sites.csv` and `sessions.csv` into.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+    /// Number of sites.
+    #[arg(long, default_value_t = 10_035)]
+    sites: u32,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("headcount: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let command =
+        cli.command.unwrap_or_else(|| Command::Simulate(SimulateArgs { quiet: false, ..SimulateArgs::default() }));
+    match runtime.block_on(run(command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("headcount: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        Command::Simulate(args) => {
+            if !args.json {
+                eprintln!(
+                    "Simulating {} sites over {:?} on an in-process aggregator (127.0.0.1)…",
+                    args.sites, args.duration
+                );
+            }
+            let report = simulate::run(&args).await?;
+            if args.json {
+                serde_json::to_writer_pretty(&mut stdout, &report)?;
+                writeln!(stdout)?;
+            } else {
+                simulate::print_report(&report, &mut stdout);
+            }
+            Ok(if report.exact() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+        Command::Site(args) => {
+            let state_file =
+                args.state_file.unwrap_or_else(|| PathBuf::from(format!("headcount-{}-{}.json", args.site, args.desk)));
+            let channel = lazy_channel(&args.server)?;
+            let config = ReporterConfig::new(args.site.clone(), args.desk, args.token);
+            let reporter = Reporter::spawn(channel, config, Arc::new(FileStore::new(&state_file)))?;
+            let input = tokio::io::BufReader::new(tokio::io::stdin());
+            match site::run(&reporter, args.session, input, args.flush_timeout).await {
+                Ok(summary) => {
+                    let status = reporter.status();
+                    eprintln!(
+                        "site {} desk {}: {} check-ins and {} corrections read; all acknowledged (session {} count {}).",
+                        args.site,
+                        args.desk,
+                        summary.check_ins,
+                        summary.corrections,
+                        args.session,
+                        status.local.get(&args.session).map_or(0, |(_, c)| *c)
+                    );
+                    reporter.shutdown().await;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "headcount site: {e}\nState is saved in {}; it is resent on the next start.",
+                        state_file.display()
+                    );
+                    Ok(ExitCode::from(3))
+                }
+            }
+        }
+        Command::Totals(args) => {
+            let channel = lazy_channel(&args.server)?;
+            dashboard::totals(channel, &args.token, parse_scope(&args.scope)?, args.session, args.json, &mut stdout)
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch(args) => {
+            let r = args.read;
+            let channel = lazy_channel(&r.server)?;
+            dashboard::watch(
+                channel,
+                &r.token,
+                parse_scope(&r.scope)?,
+                r.session,
+                args.children,
+                r.json,
+                args.count,
+                args.duration,
+                &mut stdout,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(args) => {
+            let auth = Auth::new(args.auth_secret.as_bytes())?;
+            let token = match args.kind {
+                TokenKind::Site { id } => auth.site_token(&id),
+                TokenKind::Read { label } => auth.read_token(&label),
+            };
+            writeln!(stdout, "{token}")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Registry(args) => {
+            let registry =
+                generate(&GenerateOptions { sites: args.sites, seed: args.seed, ..GenerateOptions::default() });
+            std::fs::create_dir_all(&args.out)?;
+            let sites = std::fs::File::create(args.out.join("sites.csv"))?;
+            let sessions = std::fs::File::create(args.out.join("sessions.csv"))?;
+            registry_csv::write(&registry, sites, sessions)?;
+            eprintln!(
+                "wrote {} sites in {} communes and {} provinces ({} registered), {} sessions to {}",
+                registry.sites.len(),
+                registry.communes.len(),
+                registry.provinces.len(),
+                registry.registered_total(),
+                registry.sessions.len(),
+                args.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

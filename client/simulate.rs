@@ -1,0 +1,533 @@
+//! The national simulation (the main job): an aggregator plus one reporter per site desk, check-ins
+//! on realistic compressed curves with duplicates, forced reconnects, corrections and silent
+//! sites; then every level's total is checked against the simulated ground truth.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tonic::{Request, transport::Channel};
+
+use super::{
+    connect::{ConnectError, bearer, endpoint},
+    dashboard::thousands,
+    reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
+};
+use crate::{
+    proto::v1::{BreakdownOrder, BreakdownRequest, Scope, ScopeKind, WatchRequest, totals_client::TotalsClient},
+    server::{
+        Aggregator, AggregatorConfig, Auth, RunningServer, Transport,
+        registry::{
+            Registry,
+            generate::{GenerateOptions, generate},
+        },
+    },
+};
+
+/// Flags of `headcount simulate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Number of sites in the generated registry (reference: 10,035).
+    #[arg(long, default_value_t = 10_035)]
+    pub sites: u32,
+    /// Registry and traffic seed.
+    #[arg(long, default_value_t = crate::server::registry::generate::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Wall-clock length of the compressed event (all sessions).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Sites sharing one HTTP/2 connection (each site still has its own stream per desk).
+    #[arg(long, default_value_t = 200)]
+    pub sites_per_connection: u32,
+    /// Give every site its own connection (needs a high `ulimit -n`).
+    #[arg(long)]
+    pub connection_per_site: bool,
+    /// Sites that never connect (flagged silent).
+    #[arg(long, default_value_t = 12)]
+    pub silent_sites: u32,
+    /// Probability that a reporter sends a batch twice.
+    #[arg(long, default_value_t = 0.02)]
+    pub duplicate_probability: f64,
+    /// Forced stream reconnects spread over the run.
+    #[arg(long, default_value_t = 500)]
+    pub reconnects: u32,
+    /// Desks that scan some badges twice and then correct their count.
+    #[arg(long, default_value_t = 40)]
+    pub corrections: u32,
+    /// Ticks per second at which each desk hands its arrivals to its reporter.
+    #[arg(long, default_value_t = 4)]
+    pub ticks_per_second: u32,
+    /// How long to wait for the last acknowledgements.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub flush_timeout: Duration,
+    /// Print the final report as JSON (and no progress bar).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Default for SimulateArgs {
+    fn default() -> Self {
+        Self {
+            sites: 10_035,
+            seed: crate::server::registry::generate::DEFAULT_SEED,
+            duration: Duration::from_secs(30),
+            sites_per_connection: 200,
+            connection_per_site: false,
+            silent_sites: 12,
+            duplicate_probability: 0.02,
+            reconnects: 500,
+            corrections: 40,
+            ticks_per_second: 4,
+            flush_timeout: Duration::from_secs(120),
+            json: false,
+            quiet: true,
+        }
+    }
+}
+
+/// Why the simulation could not run (a mismatch is not an error: it is in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    /// Server start failed.
+    #[error("cannot start the aggregator: {0}")]
+    Start(#[from] std::io::Error),
+    /// Connection setup failed.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A reporter could not start or flush.
+    #[error("reporter: {0}")]
+    Reporter(#[from] super::reporter::ReporterError),
+    /// A totals query failed.
+    #[error("totals query: {0}")]
+    Query(#[from] tonic::Status),
+    /// Bad flags.
+    #[error("{0}")]
+    Args(String),
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimulationReport {
+    /// Sites in the registry.
+    pub sites: usize,
+    /// Reporters (desks) that ran.
+    pub reporters: usize,
+    /// HTTP/2 connections used.
+    pub connections: usize,
+    /// Check-ins handed to reporters.
+    pub check_ins: u64,
+    /// Aggregator: reports that changed a register.
+    pub reports_applied: u64,
+    /// Aggregator: stale or duplicate reports (no change).
+    pub reports_unchanged: u64,
+    /// Aggregator: rejected reports.
+    pub reports_rejected: u64,
+    /// Stream openings beyond the first per reporter.
+    pub reconnects: u64,
+    /// Corrections performed.
+    pub corrections: u32,
+    /// Silent sites reported by the aggregator.
+    pub silent_sites: u32,
+    /// Seconds from the first check-in to the last acknowledgement.
+    pub seconds: f64,
+    /// Check-ins per second over that time.
+    pub check_ins_per_second: f64,
+    /// Totals compared (scope × session).
+    pub totals_checked: usize,
+    /// Mismatches found (at most 20 listed).
+    pub mismatches: Vec<String>,
+    /// Number of mismatches.
+    pub mismatch_count: usize,
+}
+
+impl SimulationReport {
+    /// True when every level matched.
+    pub fn exact(&self) -> bool {
+        self.mismatch_count == 0
+    }
+}
+
+/// One desk's plan.
+struct DeskPlan {
+    site: u32,
+    desk: u32,
+    /// Check-ins per session index.
+    totals: Vec<u32>,
+    /// Extra badges scanned twice then corrected away, per session index (0: none).
+    correction: Option<(usize, u32)>,
+}
+
+/// Ground truth and plans.
+struct Plan {
+    desks: Vec<DeskPlan>,
+    /// expected[site][session] check-ins.
+    expected: Vec<Vec<i64>>,
+    silent: Vec<u32>,
+}
+
+fn plan(registry: &Registry, args: &SimulateArgs, rng: &mut ChaCha8Rng) -> Plan {
+    let sessions = registry.sessions.len();
+    let session_factor = [0.97, 0.91, 0.94, 0.86];
+    let mut order: Vec<u32> = (0..registry.sites.len() as u32).collect();
+    order.shuffle(rng);
+    let silent: Vec<u32> = order.iter().copied().take(args.silent_sites as usize).collect();
+    let mut expected = vec![vec![0i64; sessions]; registry.sites.len()];
+    let mut desks = Vec::new();
+    for (i, site) in registry.sites.iter().enumerate() {
+        if silent.contains(&(i as u32)) {
+            continue;
+        }
+        // A few sites get more delegates than registered: accepted and flagged.
+        let over = rng.random_bool(0.003);
+        let base: f64 = if over { rng.random_range(1.05..1.2) } else { rng.random_range(0.8..1.0) };
+        let d = u32::from(site.desks);
+        let mut site_desks: Vec<DeskPlan> = (1..=d)
+            .map(|desk| DeskPlan { site: i as u32, desk, totals: vec![0; sessions], correction: None })
+            .collect();
+        for (s, exp) in expected[i].iter_mut().enumerate() {
+            let f = session_factor[s % session_factor.len()];
+            let n = (f64::from(site.registered) * base * f).round() as u32;
+            *exp = i64::from(n);
+            for (k, dp) in site_desks.iter_mut().enumerate() {
+                // Split as evenly as possible.
+                dp.totals[s] = n / d + u32::from((k as u32) < n % d);
+            }
+        }
+        desks.append(&mut site_desks);
+    }
+    for _ in 0..args.corrections.min(desks.len() as u32) {
+        let k = rng.random_range(0..desks.len());
+        let s = rng.random_range(0..sessions);
+        desks[k].correction = Some((s, rng.random_range(1..=5)));
+    }
+    Plan { desks, expected, silent }
+}
+
+/// Fraction of a session's arrivals that have arrived at `x` ∈ [0, 1] of its window: a
+/// logistic burst peaking at 60 % of the window (the rush before the start), normalised to 0..1.
+fn arrived(x: f64) -> f64 {
+    let f = |x: f64| 1.0 / (1.0 + (-(x - 0.6) * 12.0).exp());
+    ((f(x.clamp(0.0, 1.0)) - f(0.0)) / (f(1.0) - f(0.0))).clamp(0.0, 1.0)
+}
+
+/// Runs the simulation against an in-process aggregator on 127.0.0.1.
+pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError> {
+    if args.sites == 0 || args.ticks_per_second == 0 || args.sites_per_connection == 0 {
+        return Err(SimulateError::Args("--sites, --ticks-per-second and --sites-per-connection must be > 0".into()));
+    }
+    let registry = generate(&GenerateOptions { sites: args.sites, seed: args.seed, ..GenerateOptions::default() });
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
+    let plan = plan(&registry, args, &mut rng);
+    let secret: [u8; 32] = rng.random();
+    let auth = Auth::new(&secret).map_err(|e| SimulateError::Args(e.to_string()))?;
+    let config = AggregatorConfig {
+        publish_tick: Duration::from_millis(100),
+        curve_bucket: (args.duration / 60).max(Duration::from_millis(100)),
+        silent_after: args.duration.max(Duration::from_secs(10)),
+        ..AggregatorConfig::default()
+    };
+    let session_count = registry.sessions.len();
+    let agg = Aggregator::new(registry.clone(), config);
+    let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
+    let server = RunningServer::start(
+        "127.0.0.1:0".parse().map_err(|_| SimulateError::Args("addr".into()))?,
+        agg,
+        auth.clone(),
+        transport,
+    )
+    .await?;
+    let url = server.url();
+
+    // Connections: shared by `sites_per_connection` sites, or one per site.
+    let per_conn = if args.connection_per_site { 1 } else { args.sites_per_connection } as usize;
+    let n_conns = registry.sites.len().div_ceil(per_conn);
+    let ep = endpoint(&url)?;
+    let channels: Vec<Channel> = (0..n_conns).map(|_| ep.connect_lazy()).collect();
+
+    let backoff =
+        BackoffConfig { initial: Duration::from_millis(200), max: Duration::from_secs(5), ..BackoffConfig::default() };
+    let mut reporters = Vec::with_capacity(plan.desks.len());
+    for dp in &plan.desks {
+        let site = &registry.sites[dp.site as usize];
+        let mut cfg = ReporterConfig::new(site.id.clone(), dp.desk, auth.site_token(&site.id));
+        cfg.backoff = backoff;
+        cfg.duplicate_probability = args.duplicate_probability;
+        let ch = channels[dp.site as usize / per_conn].clone();
+        reporters.push(Arc::new(Reporter::spawn(ch, cfg, Arc::new(MemoryStore::new()))?));
+    }
+
+    let total: u64 = plan.desks.iter().flat_map(|d| d.totals.iter()).map(|&n| u64::from(n)).sum();
+    let progress = Arc::new(AtomicU64::new(0));
+    let show = !args.json && !args.quiet;
+    let bar = if show { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} check-ins  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let read_token = auth.read_token("simulation");
+    let watcher = tokio::spawn(watch_national(channels[0].clone(), read_token.clone(), bar.clone(), progress.clone()));
+
+    let start = Instant::now();
+    let duration = args.duration;
+    let tick = Duration::from_secs(1) / args.ticks_per_second;
+    let mut desks = JoinSet::new();
+    for (k, dp) in plan.desks.iter().enumerate() {
+        let reporter = reporters[k].clone();
+        let session_ids: Vec<u32> = registry.sessions.iter().map(|s| s.id).collect();
+        let totals = dp.totals.clone();
+        let correction = dp.correction;
+        let progress = progress.clone();
+        let phase = Duration::from_micros(rng.random_range(0..tick.as_micros() as u64));
+        desks.spawn(drive_desk(reporter, session_ids, totals, correction, duration, tick, phase, progress));
+    }
+    // Forced reconnects at random moments.
+    let chaos = {
+        let reporters = reporters.clone();
+        let n = args.reconnects;
+        let seed = args.seed;
+        tokio::spawn(async move {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc4a05);
+            let step = duration / n.max(1);
+            for _ in 0..n {
+                tokio::time::sleep(step).await;
+                let r = &reporters[rng.random_range(0..reporters.len())];
+                let _ = r.reconnect().await;
+            }
+        })
+    };
+    let mut corrections = 0;
+    while let Some(res) = desks.join_next().await {
+        match res {
+            Ok(Ok(did)) => corrections += u32::from(did),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(SimulateError::Args(format!("desk task failed: {e}"))),
+        }
+    }
+    let _ = chaos.await;
+    bar.set_message("waiting for the last acknowledgements");
+    for r in &reporters {
+        r.flush(args.flush_timeout).await?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    server.aggregator.sweep_now();
+    let stats = server.aggregator.stats();
+    watcher.abort();
+    bar.finish_and_clear();
+
+    let reconnects: u64 = reporters.iter().map(|r| r.status().connects.saturating_sub(1)).sum();
+    let (checked, mismatches) =
+        verify(channels[0].clone(), &read_token, &registry, &plan.expected, session_count).await?;
+    let silent = {
+        let mut c = TotalsClient::new(channels[0].clone());
+        let mut req = Request::new(crate::proto::v1::SilentSitesRequest { scope: None, limit: 0 });
+        req.metadata_mut().insert("authorization", bearer(&read_token)?);
+        c.silent_sites(req).await?.into_inner().total_silent
+    };
+    for r in reporters {
+        if let Ok(r) = Arc::try_unwrap(r) {
+            r.shutdown().await;
+        }
+    }
+    let _ = server.stop().await;
+    let _ = plan.silent;
+    Ok(SimulationReport {
+        sites: registry.sites.len(),
+        reporters: plan.desks.len(),
+        connections: n_conns,
+        check_ins: total,
+        reports_applied: stats.applied,
+        reports_unchanged: stats.unchanged,
+        reports_rejected: stats.rejected,
+        reconnects,
+        corrections,
+        silent_sites: silent,
+        seconds,
+        check_ins_per_second: total as f64 / seconds.max(1e-9),
+        totals_checked: checked,
+        mismatch_count: mismatches.len(),
+        mismatches: mismatches.into_iter().take(20).collect(),
+    })
+}
+
+/// Feeds one desk's arrivals to its reporter on each tick, session after session.
+/// Returns whether it performed a correction.
+#[allow(clippy::too_many_arguments)]
+async fn drive_desk(
+    reporter: Arc<Reporter>,
+    sessions: Vec<u32>,
+    totals: Vec<u32>,
+    correction: Option<(usize, u32)>,
+    duration: Duration,
+    tick: Duration,
+    phase: Duration,
+    progress: Arc<AtomicU64>,
+) -> Result<bool, super::reporter::ReporterError> {
+    let window = duration / sessions.len().max(1) as u32;
+    let start = tokio::time::Instant::now() + phase;
+    let mut corrected = false;
+    for (s, (&id, &target)) in sessions.iter().zip(&totals).enumerate() {
+        let begin = start + window * s as u32;
+        let mut sent = 0u32;
+        let mut at = begin;
+        while sent < target {
+            at += tick;
+            tokio::time::sleep_until(at).await;
+            let x = (at - begin).as_secs_f64() / window.as_secs_f64();
+            let due = ((f64::from(target) * arrived(x)).round() as u32).min(target);
+            if x >= 1.0 || due > sent {
+                let n = if x >= 1.0 { target - sent } else { due - sent };
+                reporter.check_in(id, n).await?;
+                progress.fetch_add(u64::from(n), Relaxed);
+                sent += n;
+            }
+        }
+        if let Some((cs, extra)) = correction
+            && cs == s
+        {
+            // Badges scanned twice by mistake, then corrected away.
+            reporter.check_in(id, extra).await?;
+            reporter.correct(id, i64::from(target), "badges scanned twice").await?;
+            corrected = true;
+        }
+    }
+    Ok(corrected)
+}
+
+/// Shows the aggregator's live national total (from a Watch stream) next to the progress bar.
+async fn watch_national(channel: Channel, token: String, bar: ProgressBar, progress: Arc<AtomicU64>) {
+    let mut client = TotalsClient::new(channel);
+    let Ok(auth) = bearer(&token) else { return };
+    let mut req = Request::new(WatchRequest { scope: None, session: None, include_children: false });
+    req.metadata_mut().insert("authorization", auth);
+    let Ok(resp) = client.watch(req).await else { return };
+    let mut stream = resp.into_inner();
+    while let Ok(Some(u)) = stream.message().await {
+        bar.set_position(progress.load(Relaxed));
+        if let Some(t) = u.totals {
+            bar.set_message(format!(
+                "national {} ({:.1} %), {}/{} sites reporting",
+                thousands(t.count),
+                t.turnout_pct,
+                t.sites_reporting,
+                t.sites_total
+            ));
+        }
+    }
+}
+
+/// Compares every level's totals (per session and all sessions) with the ground truth.
+async fn verify(
+    channel: Channel,
+    token: &str,
+    registry: &Registry,
+    expected: &[Vec<i64>],
+    sessions: usize,
+) -> Result<(usize, Vec<String>), SimulateError> {
+    let mut client = TotalsClient::new(channel);
+    let auth = bearer(token)?;
+    let mut checked = 0;
+    let mut bad = Vec::new();
+    let want = |sites: &mut dyn Iterator<Item = u32>, s: Option<usize>| -> i64 {
+        sites
+            .map(|i| match s {
+                Some(s) => expected[i as usize][s],
+                None => expected[i as usize].iter().sum(),
+            })
+            .sum()
+    };
+    let session_opts: Vec<Option<usize>> = std::iter::once(None).chain((0..sessions).map(Some)).collect();
+    for s in session_opts {
+        let session = s.map(|k| registry.sessions[k].id);
+        let mut scopes = vec![Scope { kind: ScopeKind::National as i32, id: String::new() }];
+        scopes
+            .extend(registry.provinces.iter().map(|p| Scope { kind: ScopeKind::Province as i32, id: p.code.clone() }));
+        scopes.extend(registry.communes.iter().map(|c| Scope { kind: ScopeKind::Commune as i32, id: c.id.clone() }));
+        for scope in scopes {
+            let mut req = Request::new(BreakdownRequest {
+                scope: Some(scope.clone()),
+                session,
+                order: BreakdownOrder::Id as i32,
+                limit: 0,
+            });
+            req.metadata_mut().insert("authorization", auth.clone());
+            let b = client.breakdown(req).await?.into_inner();
+            let parent = b.parent.unwrap_or_default();
+            let expect_parent = match ScopeKind::try_from(scope.kind) {
+                Ok(ScopeKind::Province) => {
+                    let p = registry.province(&scope.id).unwrap_or(0);
+                    want(&mut (0..registry.sites.len() as u32).filter(|&i| registry.sites[i as usize].province == p), s)
+                }
+                Ok(ScopeKind::Commune) => {
+                    let c = registry.commune(&scope.id).unwrap_or(0);
+                    want(&mut registry.communes[c as usize].sites.iter().copied(), s)
+                }
+                _ => want(&mut (0..registry.sites.len() as u32), s),
+            };
+            checked += 1;
+            if parent.count != expect_parent {
+                bad.push(format!("{} session {session:?}: {} != expected {expect_parent}", parent.name, parent.count));
+            }
+            // Commune breakdowns list sites: check each site too.
+            if scope.kind == ScopeKind::Commune as i32 {
+                for child in &b.children {
+                    let id = child.scope.as_ref().map_or("", |x| x.id.as_str());
+                    let i = registry.site(id).unwrap_or(0);
+                    let e = want(&mut std::iter::once(i), s);
+                    checked += 1;
+                    if child.count != e {
+                        bad.push(format!("site {id} session {session:?}: {} != expected {e}", child.count));
+                    }
+                }
+            }
+        }
+    }
+    Ok((checked, bad))
+}
+
+/// Prints the report for people.
+pub fn print_report(r: &SimulationReport, out: &mut impl std::io::Write) {
+    let _ = writeln!(
+        out,
+        "Simulated {} sites ({} desk reporters over {} connections), {} silent.",
+        thousands(r.sites as i64),
+        thousands(r.reporters as i64),
+        r.connections,
+        r.silent_sites
+    );
+    let _ = writeln!(
+        out,
+        "Check-ins: {} in {:.1} s ({}/s). Aggregator applied {} reports, ignored {} duplicates/stale, rejected {}.",
+        thousands(r.check_ins as i64),
+        r.seconds,
+        thousands(r.check_ins_per_second as i64),
+        thousands(r.reports_applied as i64),
+        thousands(r.reports_unchanged as i64),
+        r.reports_rejected
+    );
+    let _ = writeln!(out, "Reconnects: {}. Corrections: {}.", r.reconnects, r.corrections);
+    if r.exact() {
+        let _ = writeln!(
+            out,
+            "VERDICT: EXACT — all {} totals (national, provinces, communes, sites × every session) match the ground truth.",
+            thousands(r.totals_checked as i64)
+        );
+    } else {
+        let _ = writeln!(out, "VERDICT: MISMATCH — {} of {} totals differ:", r.mismatch_count, r.totals_checked);
+        for m in &r.mismatches {
+            let _ = writeln!(out, "  {m}");
+        }
+    }
+}

@@ -64,7 +64,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 40)]
     pub corrections: u32,
     /// Ticks per second at which each desk hands its arrivals to its reporter.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     pub ticks_per_second: u32,
     /// How long to wait for the last acknowledgements.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
@@ -89,7 +89,7 @@ impl Default for SimulateArgs {
             duplicate_probability: 0.02,
             reconnects: 500,
             corrections: 40,
-            ticks_per_second: 4,
+            ticks_per_second: 2,
             flush_timeout: Duration::from_secs(120),
             json: false,
             quiet: true,
@@ -281,6 +281,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     let watcher = tokio::spawn(watch_national(channels[0].clone(), read_token.clone(), bar.clone(), progress.clone()));
 
     let start = Instant::now();
+    tracing::info!(reporters = reporters.len(), "reporters spawned");
     let duration = args.duration;
     let tick = Duration::from_secs(1) / args.ticks_per_second;
     let mut desks = JoinSet::new();
@@ -317,6 +318,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         }
     }
     let _ = chaos.await;
+    tracing::info!(elapsed = ?start.elapsed(), "desks done");
     bar.set_message("waiting for the last acknowledgements");
     for r in &reporters {
         r.flush(args.flush_timeout).await?;
@@ -327,9 +329,11 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     watcher.abort();
     bar.finish_and_clear();
 
+    tracing::info!(elapsed = ?start.elapsed(), "flushed");
     let reconnects: u64 = reporters.iter().map(|r| r.status().connects.saturating_sub(1)).sum();
     let (checked, mismatches) =
         verify(channels[0].clone(), &read_token, &registry, &plan.expected, session_count).await?;
+    tracing::info!(elapsed = ?start.elapsed(), "verified");
     let silent = {
         let mut c = TotalsClient::new(channels[0].clone());
         let mut req = Request::new(crate::proto::v1::SilentSitesRequest { scope: None, limit: 0 });
@@ -341,7 +345,9 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
             r.shutdown().await;
         }
     }
+    tracing::info!(elapsed = ?start.elapsed(), "stopping");
     let _ = server.stop().await;
+    tracing::info!(elapsed = ?start.elapsed(), "stopped");
     let _ = plan.silent;
     Ok(SimulationReport {
         sites: registry.sites.len(),

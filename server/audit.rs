@@ -1,5 +1,5 @@
 //! The audit trail of corrections (reports that lowered a count): a bounded in-memory ring,
-//! newest last, plus a structured `warn!` log line for each.
+//! newest last, plus a structured `info!` log line for each.
 
 use std::{collections::VecDeque, sync::Mutex};
 
@@ -21,7 +21,7 @@ impl Audit {
 
     /// Records a correction.
     pub fn record(&self, c: Correction) {
-        tracing::warn!(
+        tracing::info!(
             site = %c.site_id, desk = c.desk, session = c.session, seq = c.seq,
             previous = c.previous_count, count = c.count, reason = %c.reason,
             "correction applied"

@@ -118,7 +118,7 @@ impl Aggregator {
             self.children(node)?.into_iter().map(|c| self.totals_of(c, session)).collect();
         match order {
             BreakdownOrder::Id => {}
-            BreakdownOrder::CountDesc => children.sort_by(|a, b| b.count.cmp(&a.count)),
+            BreakdownOrder::CountDesc => children.sort_by_key(|c| std::cmp::Reverse(c.count)),
             BreakdownOrder::TurnoutAsc => children.sort_by(|a, b| a.turnout_pct.total_cmp(&b.turnout_pct)),
         }
         if limit > 0 {

@@ -26,6 +26,7 @@ use crate::{
     proto::v1::{BreakdownOrder, BreakdownRequest, Scope, ScopeKind, WatchRequest, totals_client::TotalsClient},
     server::{
         Aggregator, AggregatorConfig, Auth, RunningServer, Transport,
+        durability::DurabilityConfig,
         registry::{
             Registry,
             generate::{GenerateOptions, generate},
@@ -69,6 +70,9 @@ pub struct SimulateArgs {
     /// How long to wait for the last acknowledgements.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub flush_timeout: Duration,
+    /// Run the aggregator without its journal (by default it journals to a temporary directory).
+    #[arg(long)]
+    pub in_memory: bool,
     /// Print the final report as JSON (and no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -91,6 +95,7 @@ impl Default for SimulateArgs {
             corrections: 40,
             ticks_per_second: 2,
             flush_timeout: Duration::from_secs(120),
+            in_memory: false,
             json: false,
             quiet: true,
         }
@@ -239,7 +244,14 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         ..AggregatorConfig::default()
     };
     let session_count = registry.sessions.len();
-    let agg = Aggregator::new(registry.clone(), config);
+    let data_dir = tempfile::Builder::new().prefix("headcount-sim-").tempdir()?;
+    let agg = if args.in_memory {
+        Aggregator::new(registry.clone(), config)
+    } else {
+        Aggregator::open(registry.clone(), config, DurabilityConfig::new(data_dir.path()))
+            .map_err(|e| SimulateError::Args(format!("cannot open the data directory: {e}")))?
+            .0
+    };
     let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
     let server = RunningServer::start(
         "127.0.0.1:0".parse().map_err(|_| SimulateError::Args("addr".into()))?,

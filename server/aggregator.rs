@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     audit::Audit,
     curve::Curve,
+    durability::{self, Durability, DurabilityConfig, record::Record, store},
     error::Error,
     liveness::Liveness,
     registers::{Outcome, Register, RegisterKey, Registers},
@@ -126,6 +127,34 @@ pub struct Shared {
     batches: StatCounter,
     /// Cancelled when the aggregator shuts down; streams and watchers end with it.
     pub shutdown: CancellationToken,
+    /// The journal, unless running in memory only.
+    pub durability: Option<Durability>,
+}
+
+/// What `Aggregator::open` restored.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Registers restored.
+    pub registers: usize,
+    /// Journal records replayed.
+    pub journal_records: u64,
+    /// Bytes cut from torn journal tails.
+    pub bytes_dropped: u64,
+    /// Snapshot loaded.
+    pub snapshot: Option<std::path::PathBuf>,
+    /// Records skipped because they do not fit the registry.
+    pub skipped: u64,
+}
+
+/// Why a durable aggregator cannot open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The data directory is unusable.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The flusher thread cannot start.
+    #[error("cannot start the journal flusher: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// Handle to the aggregator.
@@ -140,8 +169,71 @@ pub fn now_ms() -> i64 {
 }
 
 impl Aggregator {
-    /// A fresh aggregator (all registers zero) over a registry.
+    /// A fresh in-memory aggregator (all registers zero): everything is lost on exit.
     pub fn new(registry: Registry, config: AggregatorConfig) -> Self {
+        Self::build(registry, config, None)
+    }
+
+    /// An aggregator backed by a data directory: recovers the snapshot and journal tail, then
+    /// journals every change and acknowledges only durable state.
+    pub fn open(
+        registry: Registry,
+        config: AggregatorConfig,
+        durability: DurabilityConfig,
+    ) -> Result<(Self, RecoveryReport), OpenError> {
+        let fingerprint = durability::fingerprint(&registry);
+        let started = std::time::Instant::now();
+        let recovered = store::recover(&durability.dir, fingerprint)?;
+        let journal = store::Journal::create(&durability.dir, recovered.next_generation, fingerprint)?;
+        let agg = Self::build(registry, config, Some(Durability::new(durability, fingerprint)));
+        let mut report = RecoveryReport {
+            journal_records: recovered.journal_records,
+            bytes_dropped: recovered.bytes_dropped,
+            snapshot: recovered.snapshot.clone(),
+            ..RecoveryReport::default()
+        };
+        let s = &agg.shared;
+        let now = now_ms();
+        for (packed, reg) in recovered.registers {
+            let key = RegisterKey::unpack(packed);
+            let fits = (key.site as usize) < s.registry.sites.len()
+                && (key.session as usize) < s.registry.sessions.len()
+                && key.desk >= 1
+                && key.desk <= s.registry.sites[key.site as usize].desks;
+            if !fits {
+                report.skipped += 1;
+                continue;
+            }
+            if let Some(previous) = s.registers.restore(key, reg) {
+                s.tallies.add(key.site, key.session as usize, reg.count - previous.count, now);
+                report.registers += 1;
+            }
+        }
+        for c in recovered.corrections {
+            s.audit.restore(c);
+        }
+        for sample in recovered.curve {
+            s.curve.push(sample);
+        }
+        durability::start(&agg, journal)?;
+        tracing::info!(
+            registers = report.registers, journal_records = report.journal_records,
+            bytes_dropped = report.bytes_dropped, elapsed = ?started.elapsed(), "state recovered"
+        );
+        Ok((agg, report))
+    }
+
+    /// Flushes, writes a final snapshot and stops the journal (blocking; no-op in memory).
+    pub fn close(&self) {
+        durability::close(self);
+    }
+
+    /// The flush number after which everything applied so far is durable (None: in memory).
+    pub fn durable_target(&self) -> Option<u64> {
+        self.shared.durability.as_ref().map(Durability::target)
+    }
+
+    fn build(registry: Registry, config: AggregatorConfig, durability: Option<Durability>) -> Self {
         let tallies = Tallies::new(&registry);
         let liveness = Liveness::new(registry.sites.len(), config.silent_after.as_millis() as i64);
         let curve = Curve::new(config.curve_bucket.as_millis() as i64, config.curve_capacity);
@@ -150,7 +242,7 @@ impl Aggregator {
             shared: Arc::new(Shared {
                 registry,
                 config,
-                registers: Registers::new(),
+                registers: Registers::new(durability.is_some()),
                 tallies,
                 liveness,
                 curve,
@@ -160,6 +252,7 @@ impl Aggregator {
                 rejected: StatCounter::new(),
                 batches: StatCounter::new(),
                 shutdown: CancellationToken::new(),
+                durability,
             }),
         }
     }
@@ -263,7 +356,7 @@ impl Aggregator {
                 }
                 s.applied.add(r.site, 1);
                 if delta < 0 {
-                    s.audit.record(Correction {
+                    let c = Correction {
                         site_id: s.registry.sites[r.site as usize].id.clone(),
                         desk: u32::from(r.desk),
                         session: report.session,
@@ -272,7 +365,11 @@ impl Aggregator {
                         count: current.count,
                         reason: report.reason.clone(),
                         unix_ms: now,
-                    });
+                    };
+                    if let Some(d) = &s.durability {
+                        d.push(Record::Correction(c.clone()));
+                    }
+                    s.audit.record(c);
                 }
                 Ok(current)
             }
@@ -374,7 +471,11 @@ impl Aggregator {
         let now = now_ms();
         s.liveness.sweep(now, &s.registry, &s.tallies);
         let bucket = s.curve.bucket_start(now);
-        s.curve.push(Curve::read(&s.tallies, s.registry.provinces.len(), bucket));
+        let sample = Curve::read(&s.tallies, s.registry.provinces.len(), bucket);
+        if let Some(d) = &s.durability {
+            d.push(Record::Curve { unix_ms: sample.unix_ms, counts: sample.counts.to_vec() });
+        }
+        s.curve.push(sample);
     }
 
     /// Asks every stream and watcher to end.

@@ -33,6 +33,15 @@ impl Audit {
         ring.push_back(c);
     }
 
+    /// Re-inserts a recovered correction (no log line).
+    pub fn restore(&self, c: Correction) {
+        let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ring.len() == self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(c);
+    }
+
     /// The newest `limit` corrections (0: all), newest first.
     pub fn newest(&self, limit: usize) -> Vec<Correction> {
         let ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

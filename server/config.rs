@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use super::{
     aggregator::AggregatorConfig,
+    durability::DurabilityConfig,
     registry::{
         self, Registry,
         generate::{DEFAULT_SEED, GenerateOptions},
@@ -57,6 +58,24 @@ pub struct ServerArgs {
     /// Largest accepted message, bytes.
     #[arg(long, env = "HEADCOUNT_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
     pub max_message_bytes: usize,
+    /// Data directory for the journal and snapshots.
+    #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = "headcount-data")]
+    pub data_dir: PathBuf,
+    /// Keep state in memory only: EVERYTHING IS LOST ON EXIT (sites resend what they hold).
+    #[arg(long, env = "HEADCOUNT_IN_MEMORY", conflicts_with = "data_dir")]
+    pub in_memory: bool,
+    /// Longest time between journal group commits (acks wait for the commit).
+    #[arg(long, env = "HEADCOUNT_FLUSH_INTERVAL", default_value = "2ms", value_parser = duration)]
+    pub flush_interval: Duration,
+    /// Commit early once about this many registers changed.
+    #[arg(long, env = "HEADCOUNT_FLUSH_RECORDS", default_value_t = 8192)]
+    pub flush_records: usize,
+    /// How often a snapshot is written (the journal is compacted behind it).
+    #[arg(long, env = "HEADCOUNT_SNAPSHOT_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub snapshot_interval: Duration,
+    /// Stream openings handled at once (reconnect storms); beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HEADCOUNT_MAX_CONCURRENT_HANDSHAKES", default_value_t = 512)]
+    pub max_concurrent_handshakes: usize,
     /// On SIGINT/SIGTERM, how long streams get to finish before the process exits anyway.
     #[arg(long, env = "HEADCOUNT_GRACE", default_value = "10s", value_parser = duration)]
     pub grace: Duration,
@@ -98,6 +117,17 @@ impl ServerArgs {
             keepalive_timeout: self.keepalive_timeout,
             max_message_bytes: self.max_message_bytes,
             grace: self.grace,
+            max_concurrent_handshakes: self.max_concurrent_handshakes,
         }
+    }
+
+    /// The journal settings, or None with `--in-memory`.
+    pub fn durability(&self) -> Option<DurabilityConfig> {
+        (!self.in_memory).then(|| DurabilityConfig {
+            dir: self.data_dir.clone(),
+            flush_interval: self.flush_interval,
+            flush_records: self.flush_records,
+            snapshot_interval: self.snapshot_interval,
+        })
     }
 }

@@ -52,8 +52,12 @@ impl Curve {
     /// Appends a sample (or replaces the last one if it is for the same bucket).
     pub fn push(&self, sample: Sample) {
         let mut samples = self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if samples.back().is_some_and(|b| b.unix_ms == sample.unix_ms) {
-            samples.pop_back();
+        match samples.back() {
+            Some(b) if b.unix_ms == sample.unix_ms => {
+                samples.pop_back();
+            }
+            Some(b) if b.unix_ms > sample.unix_ms => return,
+            _ => {}
         }
         if samples.len() == self.capacity {
             samples.pop_front();

@@ -1,7 +1,9 @@
 //! The Ingest gRPC service: authenticates a reporter from its stream metadata, sends the resume
 //! handshake, then answers each batch with an ack until the reporter or the aggregator ends.
 
-use tokio::sync::mpsc;
+use std::{collections::VecDeque, sync::Arc};
+
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::Instrument;
@@ -11,7 +13,7 @@ use super::{
     auth::{Auth, Grant},
     error::Error,
 };
-use crate::proto::v1::{ReportRequest, ReportResponse, ingest_server::Ingest, report_request, report_response};
+use crate::proto::v1::{Ack, ReportRequest, ReportResponse, ingest_server::Ingest, report_request, report_response};
 
 /// Metadata key naming the site a stream reports for.
 pub const SITE_HEADER: &str = "x-headcount-site";
@@ -27,12 +29,14 @@ const ACK_BUFFER: usize = 8;
 pub struct IngestService {
     agg: Aggregator,
     auth: Auth,
+    /// Admission control for reconnect storms: bounded handshakes in flight.
+    handshakes: Arc<Semaphore>,
 }
 
 impl IngestService {
     /// A service over an aggregator.
-    pub fn new(agg: Aggregator, auth: Auth) -> Self {
-        Self { agg, auth }
+    pub fn new(agg: Aggregator, auth: Auth, max_concurrent_handshakes: usize) -> Self {
+        Self { agg, auth, handshakes: Arc::new(Semaphore::new(max_concurrent_handshakes.max(1))) }
     }
 
     /// Who is this stream? Checks token, site and desk metadata.
@@ -67,6 +71,11 @@ impl Ingest for IngestService {
     type ReportStream = ReceiverStream<Result<ReportResponse, Status>>;
 
     async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
+        let Ok(_permit) = self.handshakes.try_acquire() else {
+            let mut status = Status::resource_exhausted("too many streams opening at once; retry after backoff");
+            status.metadata_mut().insert("retry-after-ms", tonic::metadata::MetadataValue::from(1000));
+            return Err(status);
+        };
         let reporter = self.identify(request.metadata()).inspect_err(|e| {
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
@@ -83,7 +92,12 @@ impl Ingest for IngestService {
     }
 }
 
+/// Acks applied but waiting for the journal, per stream; beyond this the stream stops reading.
+const MAX_PENDING_ACKS: usize = 64;
+
 /// Reads one reporter's stream until it ends, the reporter stops reading acks, or shutdown.
+/// With a journal, each ack waits for the flush that makes its batch durable, while the stream
+/// keeps reading and applying the next batches (acks stay in order).
 async fn serve_stream(
     agg: Aggregator,
     reporter: ReporterId,
@@ -91,9 +105,31 @@ async fn serve_stream(
     tx: mpsc::Sender<Result<ReportResponse, Status>>,
 ) {
     let shutdown = agg.shared().shutdown.clone();
+    let mut durable = agg.shared().durability.as_ref().map(|d| d.subscribe());
+    let mut pending: VecDeque<(u64, Ack)> = VecDeque::new();
+    let mut reading = true;
     loop {
+        // Release every ack whose flush is on disk.
+        let on_disk = durable.as_mut().map_or(u64::MAX, |d| *d.borrow_and_update());
+        while pending.front().is_some_and(|(target, _)| *target <= on_disk) {
+            let Some((_, ack)) = pending.pop_front() else { break };
+            if tx.send(Ok(ReportResponse { kind: Some(report_response::Kind::Ack(ack)) })).await.is_err() {
+                return;
+            }
+        }
+        if !reading && pending.is_empty() {
+            tracing::debug!("reporter closed the stream");
+            break;
+        }
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = inbound.message(), if reading && pending.len() < MAX_PENDING_ACKS => m,
+            changed = async { durable.as_mut().expect("guarded by if").changed().await }, if !pending.is_empty() => {
+                if changed.is_err() {
+                    // The journal stopped (shutdown): unacked batches are resent after reconnect.
+                    break;
+                }
+                continue;
+            }
             () = shutdown.cancelled() => {
                 let _ = tx.try_send(Err(Status::unavailable("aggregator shutting down; reconnect later")));
                 break;
@@ -103,19 +139,15 @@ async fn serve_stream(
             Ok(Some(ReportRequest { kind: Some(report_request::Kind::Batch(batch)) })) => {
                 let ack = agg.apply_batch(reporter, &batch);
                 tracing::trace!(reports = batch.reports.len(), rejected = ack.rejections.len(), "batch applied");
-                if tx.send(Ok(ReportResponse { kind: Some(report_response::Kind::Ack(ack)) })).await.is_err() {
-                    break;
-                }
+                pending.push_back((agg.durable_target().unwrap_or(0), ack));
             }
             Ok(Some(ReportRequest { kind: Some(report_request::Kind::Heartbeat(_)) })) => agg.heartbeat(reporter),
             Ok(Some(ReportRequest { kind: None })) => {
                 let _ = tx.send(Err(Status::invalid_argument("empty ReportRequest: set `batch` or `heartbeat`"))).await;
                 break;
             }
-            Ok(None) => {
-                tracing::debug!("reporter closed the stream");
-                break;
-            }
+            // Half-closed: send the remaining acks once durable, then end.
+            Ok(None) => reading = false,
             Err(status) => {
                 tracing::debug!(code = ?status.code(), message = status.message(), "stream ended");
                 break;

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod curve;
+pub mod durability;
 pub mod error;
 pub mod ingest;
 pub mod liveness;

@@ -6,6 +6,8 @@
 //! `DashMap`; a shard lock is held only for the compare-and-set of one register, never across an
 //! `.await`, and the rollup update happens after it is released (deltas commute).
 
+use std::sync::Mutex;
+
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
 
@@ -21,11 +23,13 @@ pub struct RegisterKey {
 }
 
 impl RegisterKey {
-    fn packed(self) -> u64 {
+    /// The key as one integer (site, desk, session).
+    pub fn packed(self) -> u64 {
         (u64::from(self.site) << 32) | (u64::from(self.desk) << 16) | u64::from(self.session)
     }
 
-    fn unpack(k: u64) -> Self {
+    /// The inverse of [`RegisterKey::packed`].
+    pub fn unpack(k: u64) -> Self {
         Self { site: (k >> 32) as u32, desk: (k >> 16) as u16, session: k as u16 }
     }
 }
@@ -55,46 +59,113 @@ pub enum Outcome {
     Conflict(Register),
 }
 
+#[derive(Debug, Default, Clone, Copy)]
+struct Slot {
+    reg: Register,
+    /// Changed since the journal last wrote it (and queued in `dirty`).
+    dirty: bool,
+}
+
+const DIRTY_SHARDS: usize = 16;
+
 /// All registers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registers {
-    map: DashMap<u64, Register, FxBuildHasher>,
+    map: DashMap<u64, Slot, FxBuildHasher>,
+    /// Keys changed since the last journal flush, each queued once (see `Slot::dirty`); `None`
+    /// when nothing is journaled. Sharded by site; a std Mutex held only to push or swap.
+    dirty: Option<Box<[Mutex<Vec<u64>>]>>,
+    /// The journal flusher and the per-shard queue length at which it is woken early.
+    flusher: std::sync::OnceLock<(std::thread::Thread, usize)>,
+}
+
+impl Default for Registers {
+    fn default() -> Self {
+        Self::new(false)
+    }
 }
 
 impl Registers {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty store; `track_dirty` queues changed registers for the journal.
+    pub fn new(track_dirty: bool) -> Self {
+        Self {
+            map: DashMap::with_hasher(FxBuildHasher),
+            dirty: track_dirty.then(|| (0..DIRTY_SHARDS).map(|_| Mutex::new(Vec::new())).collect()),
+            flusher: std::sync::OnceLock::new(),
+        }
     }
 
     /// The stored state of a register (zero if never reported).
     pub fn get(&self, key: RegisterKey) -> Register {
-        self.map.get(&key.packed()).map(|r| *r).unwrap_or_default()
+        self.map.get(&key.packed()).map(|r| r.reg).unwrap_or_default()
     }
 
     /// Applies `(seq, count)` to a register under the counting rule. `seq` must be ≥ 1.
     pub fn apply(&self, key: RegisterKey, seq: u64, count: i64) -> Outcome {
         let mut entry = self.map.entry(key.packed()).or_default();
-        let stored = *entry;
+        let stored = entry.reg;
         if seq < stored.seq || (seq == stored.seq && count == stored.count) {
             Outcome::Unchanged(stored)
         } else if seq == stored.seq {
             Outcome::Conflict(stored)
         } else {
             let current = Register { seq, count };
-            *entry = current;
+            entry.reg = current;
+            if let Some(dirty) = &self.dirty
+                && !entry.dirty
+            {
+                entry.dirty = true;
+                // Lock order: map shard, then dirty shard. `take_dirty` never holds both.
+                let mut queue =
+                    dirty[key.site as usize % DIRTY_SHARDS].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                queue.push(key.packed());
+                if let Some((thread, early)) = self.flusher.get()
+                    && queue.len() == *early
+                {
+                    thread.unpark();
+                }
+            }
             Outcome::Applied { previous: stored, current }
         }
     }
 
-    /// Sets a register unconditionally (recovery). Returns the previous state.
-    pub fn restore(&self, key: RegisterKey, reg: Register) -> Register {
-        self.map.insert(key.packed(), reg).unwrap_or_default()
+    /// Wakes `thread` whenever about `records` registers are queued for the journal.
+    pub fn set_flusher(&self, thread: std::thread::Thread, records: usize) {
+        let _ = self.flusher.set((thread, (records / DIRTY_SHARDS).max(1)));
+    }
+
+    /// Registers changed since the previous call, with their current state; clears their flag.
+    pub fn take_dirty(&self) -> Vec<(RegisterKey, Register)> {
+        let Some(dirty) = &self.dirty else { return Vec::new() };
+        let mut out = Vec::new();
+        for shard in dirty.iter() {
+            let keys = std::mem::take(&mut *shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            for k in keys {
+                if let Some(mut slot) = self.map.get_mut(&k) {
+                    slot.dirty = false;
+                    out.push((RegisterKey::unpack(k), slot.reg));
+                }
+            }
+        }
+        out
+    }
+
+    /// Sets a register if `reg` is newer than the stored one (recovery). Returns the previous
+    /// state when it changed.
+    pub fn restore(&self, key: RegisterKey, reg: Register) -> Option<Register> {
+        let mut entry = self.map.entry(key.packed()).or_default();
+        if reg.seq > entry.reg.seq {
+            let previous = entry.reg;
+            entry.reg = reg;
+            Some(previous)
+        } else {
+            None
+        }
     }
 
     /// Every register with its key (cloned out; no lock held after the call).
     pub fn snapshot(&self) -> Vec<(RegisterKey, Register)> {
-        self.map.iter().map(|e| (RegisterKey::unpack(*e.key()), *e.value())).collect()
+        self.map.iter().map(|e| (RegisterKey::unpack(*e.key()), e.value().reg)).collect()
     }
 
     /// Number of registers ever written.

@@ -23,6 +23,8 @@ pub struct Transport {
     pub max_message_bytes: usize,
     /// Drain grace period on shutdown.
     pub grace: Duration,
+    /// Stream openings (authentication + resume) handled at once; beyond it `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_handshakes: usize,
 }
 
 impl Default for Transport {
@@ -33,6 +35,7 @@ impl Default for Transport {
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 256 * 1024,
             grace: Duration::from_secs(10),
+            max_concurrent_handshakes: 512,
         }
     }
 }
@@ -64,7 +67,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let max = transport.max_message_bytes;
-    let ingest = IngestServer::new(IngestService::new(agg.clone(), auth.clone()))
+    let ingest = IngestServer::new(IngestService::new(agg.clone(), auth.clone(), transport.max_concurrent_handshakes))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let totals = TotalsServer::new(TotalsService::new(agg.clone(), auth))
@@ -116,6 +119,11 @@ pub async fn serve(
     };
     agg.shutdown();
     background.abort();
+    // Final flush and snapshot (a no-op in memory).
+    let closing = agg.clone();
+    if tokio::task::spawn_blocking(move || closing.close()).await.is_err() {
+        tracing::error!("final flush panicked");
+    }
     result
 }
 

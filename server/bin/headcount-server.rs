@@ -42,7 +42,21 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         registered = registry.registered_total(),
         "registry loaded"
     );
-    let agg = Aggregator::new(registry, args.aggregator());
+    let agg = match args.durability() {
+        Some(d) => {
+            let dir = d.dir.clone();
+            let (agg, report) = Aggregator::open(registry, args.aggregator(), d).map_err(|e| e.to_string())?;
+            tracing::info!(
+                data_dir = %dir.display(), registers = report.registers, journal_records = report.journal_records,
+                bytes_dropped = report.bytes_dropped, "recovered"
+            );
+            agg
+        }
+        None => {
+            tracing::warn!("--in-memory: all state is lost when this process exits");
+            Aggregator::new(registry, args.aggregator())
+        }
+    };
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(addr = %args.listen, "serving");

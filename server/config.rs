@@ -22,6 +22,9 @@ pub struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "HEADCOUNT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Write the bound address to this file once listening (useful with `--listen 127.0.0.1:0`).
+    #[arg(long, env = "HEADCOUNT_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
     /// Registry sites file (CSV, see README). Without it, the built-in reference registry.
     #[arg(long, env = "HEADCOUNT_SITES", requires = "sessions")]
     pub sites: Option<PathBuf>,

@@ -108,6 +108,8 @@ pub struct ReporterStatus {
     pub local: BTreeMap<u32, (u64, i64)>,
     /// Highest seq per session the aggregator acknowledged (or refused for good).
     pub settled: BTreeMap<u32, u64>,
+    /// Latest state per session the aggregator acknowledged as stored: (seq, count).
+    pub acked: BTreeMap<u32, (u64, i64)>,
     /// Successful stream openings so far.
     pub connects: u64,
     /// Reports refused by the aggregator.
@@ -452,6 +454,9 @@ impl Actor {
     /// Reconciles local state with what the aggregator holds.
     async fn on_resume(&mut self, resume: Resume) -> Result<(), ReporterError> {
         let before = self.state.clone();
+        // Only what this aggregator holds now counts as settled: after a restart that lost
+        // state, sessions it does not mention are resent in full.
+        self.settled.clear();
         for reg in &resume.registers {
             let local = self.state.sessions.entry(reg.session).or_default();
             if !before.anchored {
@@ -480,6 +485,12 @@ impl Actor {
             }
             self.settled.insert(reg.session, reg.seq.min(local.seq));
         }
+        self.status.send_modify(|s| {
+            s.acked.clear();
+            for r in &resume.registers {
+                s.acked.insert(r.session, (r.seq, r.count));
+            }
+        });
         self.state.anchored = true;
         if self.state != before {
             self.persist().await?;
@@ -489,6 +500,14 @@ impl Actor {
     }
 
     async fn on_ack(&mut self, ack: Ack) {
+        self.status.send_modify(|s| {
+            for a in &ack.applied {
+                let e = s.acked.entry(a.session).or_insert((0, 0));
+                if a.seq >= e.0 {
+                    *e = (a.seq, a.count);
+                }
+            }
+        });
         for a in &ack.applied {
             let s = self.settled.entry(a.session).or_default();
             *s = (*s).max(a.seq);

@@ -59,7 +59,15 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     };
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    tracing::info!(addr = %args.listen, "serving");
+    let addr = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
+    if let Some(path) = &args.addr_file {
+        // Written atomically so a reader never sees a partial address.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    tracing::info!(%addr, "serving");
     serve(listener, agg, auth, args.transport(), shutdown_signal()).await.map_err(|e| e.to_string())
 }
 

@@ -2,6 +2,8 @@
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 /// Version 1 of the Headcount protocol.
 pub mod v1 {
     tonic::include_proto!("headcount.v1");

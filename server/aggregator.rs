@@ -103,6 +103,8 @@ pub struct Stats {
     pub rejected: u64,
     /// Batches received.
     pub batches: u64,
+    /// Ingest streams open now.
+    pub streams_open: u64,
 }
 
 /// Everything the aggregator shares between streams.
@@ -125,6 +127,8 @@ pub struct Shared {
     unchanged: StatCounter,
     rejected: StatCounter,
     batches: StatCounter,
+    /// Open ingest streams (not hot: changes per stream open/close).
+    pub streams_open: AtomicU64,
     /// Cancelled when the aggregator shuts down; streams and watchers end with it.
     pub shutdown: CancellationToken,
     /// The journal, unless running in memory only.
@@ -251,6 +255,7 @@ impl Aggregator {
                 unchanged: StatCounter::new(),
                 rejected: StatCounter::new(),
                 batches: StatCounter::new(),
+                streams_open: AtomicU64::new(0),
                 shutdown: CancellationToken::new(),
                 durability,
             }),
@@ -275,6 +280,7 @@ impl Aggregator {
             unchanged: s.unchanged.get(),
             rejected: s.rejected.get(),
             batches: s.batches.get(),
+            streams_open: s.streams_open.load(Relaxed),
         }
     }
 

@@ -92,6 +92,22 @@ impl Ingest for IngestService {
     }
 }
 
+/// Counts a stream as open for its lifetime.
+struct OpenStream(Aggregator);
+
+impl OpenStream {
+    fn new(agg: &Aggregator) -> Self {
+        agg.shared().streams_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(agg.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.shared().streams_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Acks applied but waiting for the journal, per stream; beyond this the stream stops reading.
 const MAX_PENDING_ACKS: usize = 64;
 
@@ -105,6 +121,7 @@ async fn serve_stream(
     tx: mpsc::Sender<Result<ReportResponse, Status>>,
 ) {
     let shutdown = agg.shared().shutdown.clone();
+    let _open = OpenStream::new(&agg);
     let mut durable = agg.shared().durability.as_ref().map(|d| d.subscribe());
     let mut pending: VecDeque<(u64, Ack)> = VecDeque::new();
     let mut reading = true;

@@ -13,8 +13,8 @@ use super::{
 };
 use crate::proto::v1::{
     BreakdownOrder, BreakdownRequest, BreakdownResponse, CorrectionsRequest, CorrectionsResponse, CurveRequest,
-    CurveResponse, ScopeTotals, SilentSitesRequest, SilentSitesResponse, TotalsRequest, WatchRequest, WatchUpdate,
-    totals_server::Totals,
+    CurveResponse, ScopeTotals, SilentSitesRequest, SilentSitesResponse, StatsRequest, StatsResponse, TotalsRequest,
+    WatchRequest, WatchUpdate, totals_server::Totals,
 };
 
 /// Updates buffered per watcher. Small on purpose: a watcher that falls behind is skipped ahead
@@ -79,6 +79,21 @@ impl Totals for TotalsService {
         self.authorize(&req)?;
         let limit = req.into_inner().limit as usize;
         Ok(Response::new(CorrectionsResponse { corrections: self.agg.shared().audit.newest(limit) }))
+    }
+
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        self.authorize(&req)?;
+        let st = self.agg.stats();
+        let s = self.agg.shared();
+        Ok(Response::new(StatsResponse {
+            reports_applied: st.applied,
+            reports_unchanged: st.unchanged,
+            reports_rejected: st.rejected,
+            batches: st.batches,
+            streams_open: st.streams_open,
+            registers: s.registers.len() as u64,
+            durable_flush: s.durability.as_ref().map_or(0, |d| *d.subscribe().borrow()),
+        }))
     }
 
     type WatchStream = ReceiverStream<Result<WatchUpdate, Status>>;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use headcount::{
     client::{
         Reporter, ReporterConfig,
+        bench::{self, BenchArgs},
         connect::lazy_channel,
         dashboard::{self, parse_scope},
         reporter::state::FileStore,
@@ -48,6 +49,8 @@ enum Command {
     Token(TokenArgs),
     /// Write the reference registry as CSV files.
     Registry(RegistryArgs),
+    /// Load-generate against a separate aggregator process on 127.0.0.1 and print figures.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -250,6 +253,16 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 TokenKind::Read { label } => auth.read_token(&label),
             };
             writeln!(stdout, "{token}")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            let report = bench::run(&args).await?;
+            if args.json {
+                serde_json::to_writer_pretty(&mut stdout, &report)?;
+                writeln!(stdout)?;
+            } else {
+                bench::print(&report, &mut stdout);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Registry(args) => {

@@ -2,15 +2,11 @@
 //! conflicts), per-report validation, stream-level refusals, the resume handshake, corrections and
 //! the health service.
 
-#![allow(clippy::unwrap_used)]
-
 mod common;
 
 use common::*;
 use headcount::{
-    proto::v1::{
-        Heartbeat, RegisterState, Report, ReportRequest, report_request,
-    },
+    proto::v1::{Heartbeat, RegisterState, Report, ReportRequest, report_request},
     server::Auth,
 };
 use tonic::Code;
@@ -149,12 +145,7 @@ async fn invalid_reports_are_rejected_with_their_codes_and_change_nothing() {
         assert!(ack.applied.is_empty(), "{what}: nothing applied: {ack:?}");
         assert_eq!(ack.rejections.len(), 1, "{what}: {ack:?}");
         let r = &ack.rejections[0];
-        assert_eq!(
-            (r.session, r.seq, Code::from_i32(r.code)),
-            (rep.session, rep.seq, code),
-            "{what}: {}",
-            r.message
-        );
+        assert_eq!((r.session, r.seq, Code::from_i32(r.code)), (rep.session, rep.seq, code), "{what}: {}", r.message);
         assert!(!r.message.is_empty(), "{what}: a rejection explains itself");
         let want_current = (rep.session == 1).then(|| reg(1, 2, 20));
         assert_eq!(r.current, want_current, "{what}");
@@ -230,9 +221,11 @@ async fn stream_level_refusals_have_their_codes() {
     let read = ts.read_token();
     let ghost = ts.site_token("S99999");
     let over = (u32::from(desks) + 1).to_string();
-    let tampered = format!("{}0", token_a);
+    let tampered = format!("{token_a}0");
 
-    let cases: Vec<(&str, Option<&str>, Option<&str>, Option<&str>, Code)> = vec![
+    // (what, token, site header, desk header, expected code); `None`: header absent.
+    type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<&'a str>, Code);
+    let cases: Vec<Case<'_>> = vec![
         ("missing token", None, Some(&a), Some("1"), Code::Unauthenticated),
         ("garbage token", Some("not-a-token"), Some(&a), Some("1"), Code::Unauthenticated),
         ("token of another secret", Some(&forged), Some(&a), Some("1"), Code::Unauthenticated),
@@ -346,10 +339,7 @@ async fn correction_is_applied_and_audited() {
         .collect();
     assert_eq!(
         got,
-        vec![
-            (sid.as_str(), 2, 1, 4, 9, 1, "second fix"),
-            (sid.as_str(), 2, 1, 2, 10, 4, "badge scanned twice"),
-        ],
+        vec![(sid.as_str(), 2, 1, 4, 9, 1, "second fix"), (sid.as_str(), 2, 1, 2, 10, 4, "badge scanned twice"),],
         "newest first"
     );
     assert!(all.iter().all(|c| c.unix_ms > 0));

@@ -412,9 +412,11 @@ impl Actor {
                     replies.push(reply);
                 }
                 Command::Correct { session, count, reason, reply } => {
+                    let anchored = self.state.anchored;
                     let reg = self.state.sessions.entry(session).or_default();
                     reg.count = count;
                     reg.reason = Some(reason);
+                    reg.absolute |= !anchored;
                     replies.push(reply);
                 }
                 Command::Reconnect => reconnect = true,
@@ -460,8 +462,11 @@ impl Actor {
         for reg in &resume.registers {
             let local = self.state.sessions.entry(reg.session).or_default();
             if !before.anchored {
-                // Fresh install: local counts are check-ins since then, on top of the aggregator's.
-                local.count += reg.count;
+                // Fresh install: local counts are check-ins since then, on top of the aggregator's
+                // (unless a correction set the desk's absolute count).
+                if !local.absolute {
+                    local.count += reg.count;
+                }
                 local.seq = if local.seq > 0 { reg.seq + 1 } else { reg.seq };
             } else if reg.seq > local.seq {
                 tracing::warn!(
@@ -492,6 +497,9 @@ impl Actor {
             }
         });
         self.state.anchored = true;
+        for reg in self.state.sessions.values_mut() {
+            reg.absolute = false;
+        }
         if self.state != before {
             self.persist().await?;
         }

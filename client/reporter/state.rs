@@ -21,6 +21,10 @@ pub struct LocalRegister {
     /// Reason of a pending correction, sent with the report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Set by a correction made before the first reconciliation: `count` is the desk's absolute
+    /// count, not check-ins to add on top of the aggregator's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub absolute: bool,
 }
 
 /// Everything a reporter persists.

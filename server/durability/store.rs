@@ -106,8 +106,11 @@ fn generation_of(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
 }
 
-/// Files of the directory: (generation, path) of journals and snapshots, ascending.
-fn list(dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<(u64, PathBuf)>), StoreError> {
+/// `(generation, path)` of files of one kind, ascending.
+type Generations = Vec<(u64, PathBuf)>;
+
+/// Journals and snapshots of the directory.
+fn list(dir: &Path) -> Result<(Generations, Generations), StoreError> {
     let mut journals = Vec::new();
     let mut snapshots = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))? {

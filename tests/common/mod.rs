@@ -4,7 +4,7 @@
 //!
 //! Every test binary compiles this module and uses a different part of it.
 
-#![allow(dead_code, clippy::unwrap_used, missing_docs)]
+#![allow(dead_code, missing_docs)]
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,13 +12,16 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use headcount::{
-    client::connect,
+    client::{
+        Reporter, ReporterConfig, connect,
+        reporter::{backoff::BackoffConfig, state::MemoryStore},
+    },
     proto::v1::{
         Ack, BreakdownOrder, BreakdownRequest, BreakdownResponse, CorrectionsRequest, CorrectionsResponse, Report,
         ReportBatch, ReportRequest, ReportResponse, Resume, Scope, ScopeKind, ScopeTotals, SilentSitesRequest,
@@ -413,6 +416,19 @@ pub async fn assert_totals(reader: &Reader, registry: &Registry, truth: &Truth) 
 
 /// [`assert_totals`] for the given sessions only (`None`: all sessions summed).
 pub async fn assert_totals_for(reader: &Reader, registry: &Registry, truth: &Truth, sessions: &[Option<u32>]) {
+    walk_totals(reader, registry, truth, sessions, &|_| true).await;
+}
+
+/// [`assert_totals_for`], breaking down only the communes (by index) that `descend` picks. Every
+/// province and commune count is still checked (from its parent's breakdown); counts are never
+/// negative, so a commune whose count is right and zero has every site at zero.
+pub async fn walk_totals(
+    reader: &Reader,
+    registry: &Registry,
+    truth: &Truth,
+    sessions: &[Option<u32>],
+    descend: &dyn Fn(u32) -> bool,
+) {
     let mut errors = Vec::new();
     let ids = |v: &[ScopeTotals]| -> Vec<String> {
         v.iter().map(|t| t.scope.as_ref().map(|s| s.id.clone()).unwrap_or_default()).collect()
@@ -438,10 +454,18 @@ pub async fn assert_totals_for(reader: &Reader, registry: &Registry, truth: &Tru
                 let c = &registry.communes[ci as usize];
                 let want_c = truth.sum(|s| registry.sites[s as usize].commune == ci, session);
                 check_node(&mut errors, pb.children.get(k), &c.id, want_c, session);
+                if !descend(ci) {
+                    continue;
+                }
                 let cb = reader.breakdown(commune(&c.id), session).await;
                 check_node(&mut errors, cb.parent.as_ref(), &c.id, want_c, session);
                 if cb.children.len() != c.sites.len() {
-                    errors.push(format!("commune {} has {} children, expected {}", c.id, cb.children.len(), c.sites.len()));
+                    errors.push(format!(
+                        "commune {} has {} children, expected {}",
+                        c.id,
+                        cb.children.len(),
+                        c.sites.len()
+                    ));
                 }
                 for (j, &si) in c.sites.iter().enumerate() {
                     let want_s = truth.sum(|s| s == si, session);
@@ -497,15 +521,54 @@ pub fn sites_by_province(registry: &Registry) -> HashMap<u32, Vec<u32>> {
     m
 }
 
+// ───────────────────────────── reporters ─────────────────────────────
+
+/// Reconnect backoff for tests: 20 ms initial, at most 200 ms.
+pub fn fast_backoff() -> BackoffConfig {
+    BackoffConfig { initial: Duration::from_millis(20), multiplier: 1.6, jitter: 0.2, max: Duration::from_millis(200) }
+}
+
+/// A reporter configuration for `(site, desk)` with the site's token and [`fast_backoff`].
+pub fn reporter_config(auth: &Auth, site: &str, desk: u32) -> ReporterConfig {
+    ReporterConfig {
+        backoff: fast_backoff(),
+        connect_timeout: Duration::from_secs(5),
+        ..ReporterConfig::new(site, desk, auth.site_token(site))
+    }
+}
+
+/// Spawns a reporter with an in-memory state store.
+pub fn memory_reporter(channel: &Channel, auth: &Auth, site: &str, desk: u32) -> Reporter {
+    Reporter::spawn(channel.clone(), reporter_config(auth, site, desk), Arc::new(MemoryStore::new()))
+        .unwrap_or_else(|e| panic!("spawn reporter {site}/{desk}: {e}"))
+}
+
+/// Flushes a reporter within [`DEADLINE`], panicking with its status otherwise.
+pub async fn flush(r: &Reporter, what: &str) {
+    if let Err(e) = r.flush(DEADLINE).await {
+        panic!("{what}: flush failed: {e}; status {:?}", r.status());
+    }
+}
+
+/// Waits until a reporter has an open, resumed stream.
+pub async fn wait_connected(r: &Reporter, what: &str) {
+    let mut rx = r.watch_status();
+    if within(what, rx.wait_for(|s| s.connected)).await.is_err() {
+        panic!("{what}: reporter stopped");
+    }
+}
+
 // ───────────────────────────── proxy ─────────────────────────────
 
 /// A TCP proxy on `127.0.0.1:<ephemeral>` in front of one upstream, able to drop every current
 /// connection at once (both directions closed), on command or at random intervals.
 pub struct Proxy {
     pub addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accepted: Arc<AtomicU64>,
     cuts: Arc<AtomicU64>,
+    blocked: Arc<AtomicBool>,
     accept_task: JoinHandle<()>,
 }
 
@@ -515,14 +578,23 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accepted = Arc::new(AtomicU64::new(0));
+        let blocked = Arc::new(AtomicBool::new(false));
+        let upstream = Arc::new(Mutex::new(upstream));
         let accept_task = tokio::spawn({
+            let upstream = upstream.clone();
             let conns = conns.clone();
             let accepted = accepted.clone();
+            let blocked = blocked.clone();
             async move {
                 loop {
                     // An accept error (e.g. out of file descriptors) ends the proxy: tests then fail loudly.
                     let Ok((mut down, _)) = listener.accept().await else { break };
+                    if blocked.load(Ordering::SeqCst) {
+                        drop(down); // refused: closed at once
+                        continue;
+                    }
                     accepted.fetch_add(1, Ordering::Relaxed);
+                    let upstream = *upstream.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     let task = tokio::spawn(async move {
                         let Ok(mut up) = TcpStream::connect(upstream).await else { return };
                         let _ = down.set_nodelay(true);
@@ -535,7 +607,18 @@ impl Proxy {
                 }
             }
         });
-        Self { addr, conns, accepted, cuts: Arc::default(), accept_task }
+        Self { addr, upstream, conns, accepted, cuts: Arc::default(), blocked, accept_task }
+    }
+
+    /// Where new connections go from now on (existing ones are not moved).
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = upstream;
+    }
+
+    /// While blocked, new connections are closed as soon as they are accepted (the aggregator
+    /// looks unreachable). Existing connections are not affected; see [`Proxy::cut_all`].
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::SeqCst);
     }
 
     pub fn url(&self) -> String {

@@ -29,6 +29,13 @@ pub enum DashboardError {
 }
 
 /// Parses `national`, `province:01`, `commune:01-003` or `site:S00001`.
+///
+/// ```
+/// use headcount::{client::dashboard::parse_scope, proto::v1::ScopeKind};
+/// let s = parse_scope("province:01").expect("valid scope");
+/// assert_eq!((s.kind, s.id.as_str()), (ScopeKind::Province as i32, "01"));
+/// assert!(parse_scope("planet:earth").is_err());
+/// ```
 pub fn parse_scope(s: &str) -> Result<Scope, DashboardError> {
     let (kind, id) = match s.split_once(':') {
         None if s == "national" => (ScopeKind::National, ""),
@@ -98,6 +105,12 @@ impl From<&ScopeTotals> for TotalsView {
 }
 
 /// Formats an integer with thousands separators.
+///
+/// ```
+/// use headcount::client::dashboard::thousands;
+/// assert_eq!(thousands(1_503_270), "1,503,270");
+/// assert_eq!(thousands(-999), "-999");
+/// ```
 pub fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);

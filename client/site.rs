@@ -32,6 +32,14 @@ pub struct ParseError {
 }
 
 /// Parses one line.
+///
+/// ```
+/// use headcount::client::site::{Line, parse_line};
+/// assert_eq!(parse_line("BADGE-0042", 1).expect("a badge"), Line::CheckIn(1));
+/// assert_eq!(parse_line("+12", 2).expect("a count"), Line::CheckIn(12));
+/// assert_eq!(parse_line("=40 scanned twice", 3).expect("a correction"), Line::Correct(40, "scanned twice".into()));
+/// assert!(parse_line("=-1 oops", 4).is_err());
+/// ```
 pub fn parse_line(text: &str, line: u64) -> Result<Line, ParseError> {
     let t = text.trim();
     let err = |message: String| ParseError { line, message };

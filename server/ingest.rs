@@ -120,9 +120,14 @@ async fn serve_stream(
     mut inbound: Streaming<ReportRequest>,
     tx: mpsc::Sender<Result<ReportResponse, Status>>,
 ) {
-    let shutdown = agg.shared().shutdown.clone();
+    // A child token per stream, its future pinned once: polling it touches only this stream's
+    // own lock. (Polling the shared token's future from 10,000 streams serialised them all on
+    // one mutex: measured 14,600 reports/s instead of hundreds of thousands.)
+    let shutdown = agg.shared().shutdown.child_token();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let _open = OpenStream::new(&agg);
-    let mut durable = agg.shared().durability.as_ref().map(|d| d.subscribe());
+    let mut durable = agg.shared().durability.as_ref().map(|d| d.subscribe(reporter.site as usize));
     let mut pending: VecDeque<(u64, Ack)> = VecDeque::new();
     let mut reading = true;
     loop {
@@ -147,7 +152,7 @@ async fn serve_stream(
                 }
                 continue;
             }
-            () = shutdown.cancelled() => {
+            () = &mut cancelled => {
                 let _ = tx.try_send(Err(Status::unavailable("aggregator shutting down; reconnect later")));
                 break;
             }

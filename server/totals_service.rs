@@ -92,7 +92,7 @@ impl Totals for TotalsService {
             batches: st.batches,
             streams_open: st.streams_open,
             registers: s.registers.len() as u64,
-            durable_flush: s.durability.as_ref().map_or(0, |d| *d.subscribe().borrow()),
+            durable_flush: s.durability.as_ref().map_or(0, |d| *d.subscribe(0).borrow()),
         }))
     }
 
@@ -121,7 +121,9 @@ async fn publish(
     tick: Duration,
     tx: mpsc::Sender<Result<WatchUpdate, Status>>,
 ) {
-    let shutdown = agg.shared().shutdown.clone();
+    let shutdown = agg.shared().shutdown.child_token();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last: Option<(ScopeTotals, Vec<ScopeTotals>)> = None;
@@ -129,7 +131,7 @@ async fn publish(
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            () = shutdown.cancelled() => break,
+            () = &mut cancelled => break,
             () = tx.closed() => break,
         }
         let totals = agg.totals_of(node, session);
@@ -140,7 +142,7 @@ async fn publish(
         let update = WatchUpdate { totals: Some(totals.clone()), children: kids.clone(), sequence, unix_ms: now_ms() };
         tokio::select! {
             sent = tx.send(Ok(update)) => if sent.is_err() { break },
-            () = shutdown.cancelled() => break,
+            () = &mut cancelled => break,
         }
         last = Some((totals, kids));
         sequence += 1;

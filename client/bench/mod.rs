@@ -552,13 +552,11 @@ async fn freshness_probe(
 /// idle: RSS growth per open, heartbeating stream.
 async fn idle(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(), BenchError> {
     let server = ServerProcess::start(&ctx.spec(args, "127.0.0.1:0")?, ctx.scratch.path())?;
-    let chans = channels(&server.url(), report.connections)?;
-    // Connections first (their cost is reported separately by changing --connections).
-    for c in &chans {
-        let _ = server_applied(c.clone()).await;
-    }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Baseline before any connection, so the figure includes connection cost (which matters
+    // with one connection per site and is negligible with shared connections).
     let (before, _) = server.memory();
+    let chans = channels(&server.url(), report.connections)?;
     let refusals = AtomicU64::new(0);
     let (streams, admit) = open_all(ctx, &chans, report.streams, &refusals).await?;
     for s in &streams {

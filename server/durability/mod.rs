@@ -29,6 +29,9 @@ use self::{
 };
 use super::{aggregator::Aggregator, registry::Registry};
 
+/// Channels the durable flush number is published on.
+const DURABLE_SHARDS: usize = 64;
+
 /// Settings of the data directory.
 #[derive(Debug, Clone)]
 pub struct DurabilityConfig {
@@ -58,8 +61,9 @@ impl DurabilityConfig {
 pub struct Durability {
     /// Number of the latest flush that has started collecting changes.
     started: AtomicU64,
-    /// Number of the latest flush that is on disk.
-    durable: watch::Sender<u64>,
+    /// Number of the latest flush that is on disk, published on several channels so that
+    /// thousands of waiting streams do not all register on one channel's waiter lists.
+    durable: Box<[watch::Sender<u64>]>,
     /// Corrections and curve samples for the next flush. A std Mutex: push/swap only.
     pending: Mutex<Vec<Record>>,
     flusher: OnceLock<thread::Thread>,
@@ -74,7 +78,7 @@ impl Durability {
     pub(crate) fn new(config: DurabilityConfig, fingerprint: [u8; 32]) -> Self {
         Self {
             started: AtomicU64::new(0),
-            durable: watch::Sender::new(0),
+            durable: (0..DURABLE_SHARDS).map(|_| watch::Sender::new(0)).collect(),
             pending: Mutex::new(Vec::new()),
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
@@ -89,9 +93,9 @@ impl Durability {
         self.started.load(SeqCst) + 1
     }
 
-    /// A receiver of the latest durable flush number.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.durable.subscribe()
+    /// A receiver of the latest durable flush number (`shard`: any number, e.g. the site index).
+    pub fn subscribe(&self, shard: usize) -> watch::Receiver<u64> {
+        self.durable[shard % DURABLE_SHARDS].subscribe()
     }
 
     /// Queues a non-register record for the next flush.
@@ -177,7 +181,9 @@ fn run(agg: Aggregator, mut journal: Journal) {
                 thread::sleep(Duration::from_millis(100));
             }
         }
-        d.durable.send_replace(n);
+        for tx in d.durable.iter() {
+            tx.send_replace(n);
+        }
         if stopping || last_snapshot.elapsed() >= d.config.snapshot_interval {
             match snapshot(&agg, &mut journal) {
                 Ok(path) => tracing::info!(path = %path.display(), "snapshot written"),

@@ -1,10 +1,10 @@
 //! The Ingest gRPC service: authenticates a reporter from its stream metadata, sends the resume
 //! handshake, then answers each batch with an ack until the reporter or the aggregator ends.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::Instrument;
 
@@ -19,6 +19,10 @@ use crate::proto::v1::{Ack, ReportRequest, ReportResponse, ingest_server::Ingest
 pub const SITE_HEADER: &str = "x-headcount-site";
 /// Metadata key naming the desk a stream reports for (default 1).
 pub const DESK_HEADER: &str = "x-headcount-desk";
+
+/// What a stream's ack channel carries. Boxed: tokio's channel allocates 32 slots per block up
+/// front, and an inline `Result<_, Status>` is ~250 bytes — 8 KB per idle stream otherwise.
+type AckItem = Box<Result<ReportResponse, Status>>;
 
 /// Acks buffered per stream before the aggregator stops reading that stream (backpressure on a
 /// reporter that does not read its acks; never on anyone else).
@@ -68,7 +72,7 @@ impl IngestService {
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
-    type ReportStream = ReceiverStream<Result<ReportResponse, Status>>;
+    type ReportStream = Pin<Box<dyn Stream<Item = Result<ReportResponse, Status>> + Send>>;
 
     async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
         let Ok(_permit) = self.handshakes.try_acquire() else {
@@ -80,15 +84,16 @@ impl Ingest for IngestService {
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
         let site_id = self.agg.registry().sites[reporter.site as usize].id.clone();
-        let span = tracing::info_span!("ingest", site = %site_id, desk = reporter.desk);
+        // Debug level: an enabled span is entered on every poll of the stream's task.
+        let span = tracing::debug_span!("ingest", site = %site_id, desk = reporter.desk);
         let (tx, rx) = mpsc::channel(ACK_BUFFER);
         let resume = self.agg.resume(reporter);
         tracing::debug!(parent: &span, registers = resume.registers.len(), "stream opened, resume sent");
-        tx.try_send(Ok(ReportResponse { kind: Some(report_response::Kind::Resume(resume)) }))
+        tx.try_send(Box::new(Ok(ReportResponse { kind: Some(report_response::Kind::Resume(resume)) })))
             .map_err(|_| Status::internal("fresh ack channel is full"))?;
         let inbound = request.into_inner();
         tokio::spawn(serve_stream(self.agg.clone(), reporter, inbound, tx).instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|item| *item))))
     }
 }
 
@@ -118,7 +123,7 @@ async fn serve_stream(
     agg: Aggregator,
     reporter: ReporterId,
     mut inbound: Streaming<ReportRequest>,
-    tx: mpsc::Sender<Result<ReportResponse, Status>>,
+    tx: mpsc::Sender<AckItem>,
 ) {
     // A child token per stream, its future pinned once: polling it touches only this stream's
     // own lock. (Polling the shared token's future from 10,000 streams serialised them all on
@@ -135,7 +140,7 @@ async fn serve_stream(
         let on_disk = durable.as_mut().map_or(u64::MAX, |d| *d.borrow_and_update());
         while pending.front().is_some_and(|(target, _)| *target <= on_disk) {
             let Some((_, ack)) = pending.pop_front() else { break };
-            if tx.send(Ok(ReportResponse { kind: Some(report_response::Kind::Ack(ack)) })).await.is_err() {
+            if tx.send(Box::new(Ok(ReportResponse { kind: Some(report_response::Kind::Ack(ack)) }))).await.is_err() {
                 return;
             }
         }
@@ -153,7 +158,7 @@ async fn serve_stream(
                 continue;
             }
             () = &mut cancelled => {
-                let _ = tx.try_send(Err(Status::unavailable("aggregator shutting down; reconnect later")));
+                let _ = tx.try_send(Box::new(Err(Status::unavailable("aggregator shutting down; reconnect later"))));
                 break;
             }
         };
@@ -165,7 +170,9 @@ async fn serve_stream(
             }
             Ok(Some(ReportRequest { kind: Some(report_request::Kind::Heartbeat(_)) })) => agg.heartbeat(reporter),
             Ok(Some(ReportRequest { kind: None })) => {
-                let _ = tx.send(Err(Status::invalid_argument("empty ReportRequest: set `batch` or `heartbeat`"))).await;
+                let _ = tx
+                    .send(Box::new(Err(Status::invalid_argument("empty ReportRequest: set `batch` or `heartbeat`"))))
+                    .await;
                 break;
             }
             // Half-closed: send the remaining acks once durable, then end.

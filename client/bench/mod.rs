@@ -99,6 +99,9 @@ pub struct BenchArgs {
     /// Concurrent handshakes the server admits (storm).
     #[arg(long, default_value_t = 512)]
     pub max_handshakes: usize,
+    /// Extra flag for the server, e.g. `--server-arg=--flush-interval=10ms` (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    pub server_arg: Vec<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -214,7 +217,10 @@ impl Ctx {
             data_dir: (!args.in_memory).then(|| self.scratch.path().join("data")),
             worker_threads: args.server_threads,
             secret: SECRET.to_owned(),
-            extra: vec!["--max-concurrent-handshakes".into(), args.max_handshakes.to_string()],
+            extra: ["--max-concurrent-handshakes".to_owned(), args.max_handshakes.to_string()]
+                .into_iter()
+                .chain(args.server_arg.iter().cloned())
+                .collect(),
         })
     }
 }
@@ -304,7 +310,8 @@ async fn open_all(
             for _ in 0..200 {
                 match open(ch.clone(), &auth, &site, 1).await {
                     Ok(s) => return Ok((i, s, refused)),
-                    Err(st) if matches!(st.code(), Code::ResourceExhausted | Code::Unavailable) => {
+                    // Refused (admission) or a connection reset while thousands connect at once.
+                    Err(st) if matches!(st.code(), Code::ResourceExhausted | Code::Unavailable | Code::Unknown) => {
                         refused += u64::from(st.code() == Code::ResourceExhausted);
                         let j: f64 = rand::random_range(0.8..1.2);
                         tokio::time::sleep(delay.mul_f64(j)).await;

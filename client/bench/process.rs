@@ -52,7 +52,8 @@ impl ServerProcess {
         cmd.args(&spec.extra)
             .env("HEADCOUNT_AUTH_SECRET", &spec.secret)
             .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         if let Some(n) = spec.worker_threads {
             cmd.env("TOKIO_WORKER_THREADS", n.to_string());
         }

@@ -22,6 +22,10 @@ pub struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "HEADCOUNT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Also serve the read side (Totals, health, reflection) here, from its own thread, so
+    /// dashboards stay fast while ingest saturates the main listener.
+    #[arg(long, env = "HEADCOUNT_READ_LISTEN")]
+    pub read_listen: Option<SocketAddr>,
     /// Write the bound address to this file once listening (useful with `--listen 127.0.0.1:0`).
     #[arg(long, env = "HEADCOUNT_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,

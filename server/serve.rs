@@ -62,18 +62,12 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<IngestService>>().await;
     health.set_serving::<TotalsServer<TotalsService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = reflection()?;
     let max = transport.max_message_bytes;
     let ingest = IngestServer::new(IngestService::new(agg.clone(), auth.clone(), transport.max_concurrent_handshakes))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let totals = TotalsServer::new(TotalsService::new(agg.clone(), auth))
-        // A national breakdown of all communes can be large; answers are bounded by the registry.
-        .max_encoding_message_size(64 * 1024 * 1024)
-        .max_decoding_message_size(max);
+    let totals = totals_server(&agg, auth, &transport);
 
     let background = agg.spawn_background();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
@@ -85,23 +79,12 @@ pub async fn serve(
         stopper.shutdown();
         let _ = draining_tx.send(());
     };
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(transport.max_streams_per_connection)
-        .http2_keepalive_interval(Some(transport.keepalive_interval))
-        .http2_keepalive_timeout(Some(transport.keepalive_timeout))
-        .http2_max_pending_accept_reset_streams(Some(100))
-        .http2_max_local_error_reset_streams(Some(1024))
+    let server = builder(&transport)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)
         .add_service(totals)
-        .serve_with_incoming_shutdown(
-            // With our own listener tonic's `tcp_nodelay` does not apply: set it (and TCP
-            // keepalive) on accepted sockets here, or small acks wait ~40 ms for Nagle.
-            TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60))),
-            signal,
-        );
+        .serve_with_incoming_shutdown(incoming(listener), signal);
     let grace = transport.grace;
     let deadline = async move {
         if draining_rx.await.is_ok() {
@@ -125,6 +108,90 @@ pub async fn serve(
         tracing::error!("final flush panicked");
     }
     result
+}
+
+/// The reflection service over our contract and the health contract.
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    ServeError,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+fn totals_server(agg: &Aggregator, auth: Auth, transport: &Transport) -> TotalsServer<TotalsService> {
+    TotalsServer::new(TotalsService::new(agg.clone(), auth))
+        // A national breakdown of all communes can be large; answers are bounded by the registry.
+        .max_encoding_message_size(64 * 1024 * 1024)
+        .max_decoding_message_size(transport.max_message_bytes)
+}
+
+/// The HTTP/2 limits every listener gets (tonic leaves most of them unlimited or off).
+fn builder(transport: &Transport) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(transport.max_streams_per_connection)
+        .http2_keepalive_interval(Some(transport.keepalive_interval))
+        .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(100))
+        .http2_max_local_error_reset_streams(Some(1024))
+}
+
+/// Accepted sockets with `TCP_NODELAY` and TCP keepalive. With our own listener tonic's
+/// `tcp_nodelay` does not apply, and small acks would wait ~40 ms for Nagle.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// Serves the read side (Totals, health, reflection) on a second listener from a dedicated thread
+/// with its own runtime, so dashboard queries never wait in the run queue behind thousands of
+/// busy ingest streams. Ends when the aggregator shuts down.
+pub fn spawn_read_server(
+    listener: std::net::TcpListener,
+    agg: Aggregator,
+    auth: Auth,
+    transport: Transport,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new().name("headcount-reads".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the read runtime");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the read listener");
+                    return;
+                }
+            };
+            let (health, health_service) = tonic_health::server::health_reporter();
+            health.set_serving::<TotalsServer<TotalsService>>().await;
+            let reflection = match reflection() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "reflection");
+                    return;
+                }
+            };
+            let shutdown = agg.shared().shutdown.clone();
+            let result = builder(&transport)
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(totals_server(&agg, auth, &transport))
+                .serve_with_incoming_shutdown(incoming(listener), async move { shutdown.cancelled().await })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "read listener failed");
+            }
+        });
+    })
 }
 
 /// A server running in this process (tests, the simulation, benchmarks).

@@ -99,6 +99,10 @@ pub struct BenchArgs {
     /// Concurrent handshakes the server admits (storm).
     #[arg(long, default_value_t = 512)]
     pub max_handshakes: usize,
+    /// Serve dashboard reads from the aggregator's separate read listener (`--read-listen`), as
+    /// a deployment under heavy ingest should; queries and the watch probe use it.
+    #[arg(long)]
+    pub separate_reads: bool,
     /// Extra flag for the server, e.g. `--server-arg=--flush-interval=10ms` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
@@ -338,13 +342,24 @@ async fn open_all(
 
 /// saturate / paced.
 async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(), BenchError> {
-    let server = ServerProcess::start(&ctx.spec(args, "127.0.0.1:0")?, ctx.scratch.path())?;
+    let mut spec = ctx.spec(args, "127.0.0.1:0")?;
+    let read_url = if args.separate_reads {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        spec.extra.extend(["--read-listen".to_owned(), format!("127.0.0.1:{port}")]);
+        Some(format!("http://127.0.0.1:{port}"))
+    } else {
+        None
+    };
+    let server = ServerProcess::start(&spec, ctx.scratch.path())?;
     let url = server.url();
     let chans = channels(&url, report.connections)?;
     let refusals = AtomicU64::new(0);
     let (streams, admit) = open_all(ctx, &chans, report.streams, &refusals).await?;
     report.admit_all_seconds = admit;
-    let query_ch = endpoint(&url)?.connect().await.map_err(|e| BenchError::Mismatch(e.to_string()))?;
+    let query_ch = endpoint(read_url.as_deref().unwrap_or(&url))?
+        .connect()
+        .await
+        .map_err(|e| BenchError::Mismatch(e.to_string()))?;
     let (applied_before, flushes_before) = server_stats(query_ch.clone()).await?;
     let cpu_before = server.cpu_seconds();
 
@@ -444,14 +459,31 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
         });
     }
     // Totals queries and a watch-freshness probe while ingest runs.
-    let query = tokio::spawn(query_loop(query_ch.clone(), stop.clone()));
-    let probe = tokio::spawn(freshness_probe(
-        chans[0].clone(),
-        query_ch.clone(),
-        ctx.auth.clone(),
-        ctx.registry.sites[0].id.clone(),
-        stop.clone(),
-    ));
+    // The measuring clients run on their own threads and connections, so the load generator's
+    // busy run queue does not inflate what they measure.
+    let read_at = read_url.clone().unwrap_or_else(|| url.clone());
+    let query = {
+        let (stop, read_at) = (stop.clone(), read_at.clone());
+        on_own_thread(move || async move {
+            match endpoint(&read_at) {
+                Ok(ep) => match ep.connect().await {
+                    Ok(ch) => query_loop(ch, stop).await,
+                    Err(_) => Latency::default(),
+                },
+                Err(_) => Latency::default(),
+            }
+        })?
+    };
+    let probe = {
+        let (stop, auth, site, ingest_at) =
+            (stop.clone(), ctx.auth.clone(), ctx.registry.sites[0].id.clone(), url.clone());
+        on_own_thread(move || async move {
+            let (Ok(i), Ok(r)) = (endpoint(&ingest_at), endpoint(&read_at)) else {
+                return (Latency::default(), 0);
+            };
+            freshness_probe(i.connect_lazy(), r.connect_lazy(), auth, site, stop).await
+        })?
+    };
     let mut peak_rss = 0;
     let end = Instant::now() + args.duration;
     while Instant::now() < end {
@@ -465,8 +497,8 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = server.cpu_seconds() - cpu_before;
-    report.totals_query = query.await.map_err(|e| BenchError::Mismatch(e.to_string()))?;
-    let (freshness, probes) = probe.await.map_err(|e| BenchError::Mismatch(e.to_string()))?;
+    report.totals_query = join_thread(query)?;
+    let (freshness, probes) = join_thread(probe)?;
     report.watch_freshness = freshness;
     let (applied_after, flushes_after) = server_stats(query_ch).await?;
     let applied = applied_after - applied_before - probes;
@@ -490,6 +522,24 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
         )));
     }
     Ok(())
+}
+
+/// Runs a future on a new thread with its own single-threaded runtime.
+fn on_own_thread<F, Fut, T>(make: F) -> std::io::Result<std::thread::JoinHandle<Option<T>>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    std::thread::Builder::new().name("bench-probe".into()).spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().ok().map(|rt| rt.block_on(make()))
+    })
+}
+
+fn join_thread<T>(h: std::thread::JoinHandle<Option<T>>) -> Result<T, BenchError> {
+    h.join()
+        .map_err(|_| BenchError::Mismatch("probe thread panicked".into()))?
+        .ok_or_else(|| BenchError::Mismatch("probe runtime did not start".into()))
 }
 
 async fn query_loop(ch: Channel, stop: Arc<AtomicBool>) -> Latency {

@@ -59,6 +59,12 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     };
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    if let Some(read) = args.read_listen {
+        let l = std::net::TcpListener::bind(read).map_err(|e| format!("cannot listen on {read}: {e}"))?;
+        tracing::info!(addr = %l.local_addr().map_err(|e| e.to_string())?, "serving reads");
+        headcount::server::serve::spawn_read_server(l, agg.clone(), auth.clone(), args.transport())
+            .map_err(|e| format!("cannot start the read thread: {e}"))?;
+    }
     let addr = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
     if let Some(path) = &args.addr_file {
         // Written atomically so a reader never sees a partial address.

@@ -486,3 +486,30 @@ async fn reference_registry_totals_at_scale() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn separate_read_listener_serves_live_totals_and_refuses_ingest() {
+    let ts = start_small().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind read listener");
+    let read_url = format!("http://{}", listener.local_addr().expect("read addr"));
+    headcount::server::serve::spawn_read_server(
+        listener,
+        ts.server.aggregator.clone(),
+        ts.auth.clone(),
+        headcount::server::Transport::default(),
+    )
+    .expect("read thread");
+    let site = ts.registry.sites[0].id.clone();
+    let mut s = open_stream(channel_to(&ts.url()).await, Some(&ts.auth.site_token(&site)), Some(&site), Some("1"))
+        .await
+        .expect("ingest on the main listener");
+    s.send_batch(vec![report(1, 1, 9)]).await;
+    let reader = Reader::new(channel_to(&read_url).await, Some(ts.auth.read_token("wall")));
+    assert_eq!(reader.totals(national(), None).await.count, 9, "the read listener sees ingest from the main one");
+    // The read listener serves no ingest.
+    let refused = open_stream(channel_to(&read_url).await, Some(&ts.auth.site_token(&site)), Some(&site), Some("1"))
+        .await
+        .err()
+        .expect("ingest refused on the read listener");
+    assert_eq!(refused.code(), Code::Unimplemented);
+}

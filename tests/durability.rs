@@ -304,14 +304,20 @@ async fn assert_exact(reg: &Registry, desks: &[Arc<Desk>], url: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
+/// A data directory, a server behind a switchable proxy and reporters for every desk.
+async fn setup_behind_proxy() -> (Harness, Registry, Proxy, ServerProcess, Vec<Arc<Desk>>) {
     let h = Harness::new();
     let reg = registry();
     let proxy = Proxy::start().await;
-    let mut server = h.start().await;
+    let server = h.start().await;
     proxy.set(Some(server.addr));
     let desks = spawn_desks(&reg, &proxy.url()).await;
+    (h, reg, proxy, server, desks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
+    let (h, reg, proxy, mut server, desks) = setup_behind_proxy().await;
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     for round in 0..3u64 {
         // Kill at a random moment while check-ins flow.
@@ -455,12 +461,7 @@ async fn interrupted_snapshot_is_ignored_and_corrupt_snapshot_refuses_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_under_load_loses_nothing_and_exits_in_time() {
-    let h = Harness::new();
-    let reg = registry();
-    let proxy = Proxy::start().await;
-    let mut server = h.start().await;
-    proxy.set(Some(server.addr));
-    let desks = spawn_desks(&reg, &proxy.url()).await;
+    let (h, reg, proxy, mut server, desks) = setup_behind_proxy().await;
     let driving = drive(&desks, 20, 5);
     tokio::pin!(driving);
     let _ = tokio::time::timeout(Duration::from_millis(30), &mut driving).await;

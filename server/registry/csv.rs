@@ -78,6 +78,13 @@ fn reader<R: Read>(input: R, path: &Path, header: &[&str]) -> Result<csv::Reader
     Ok(rdr)
 }
 
+/// A record and its 1-based line, or the CSV error with its line.
+fn numbered(rec: Result<csv::StringRecord, csv::Error>, path: &Path) -> Result<(csv::StringRecord, u64), LoadError> {
+    let rec = rec.map_err(|e| row_err(path, e.position().map_or(0, csv::Position::line), e.to_string()))?;
+    let line = rec.position().map_or(0, csv::Position::line);
+    Ok((rec, line))
+}
+
 fn non_empty(path: &Path, line: u64, field: &str, value: &str) -> Result<String, LoadError> {
     if value.is_empty() {
         return Err(row_err(path, line, format!("{field} is empty")));
@@ -94,11 +101,7 @@ pub fn read_sessions<R: Read>(input: R, path: &Path) -> Result<Vec<Session>, Loa
     let mut rdr = reader(input, path, &SESSIONS_HEADER)?;
     let mut out = Vec::new();
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| {
-            let line = e.position().map_or(0, csv::Position::line);
-            row_err(path, line, e.to_string())
-        })?;
-        let line = rec.position().map_or(0, csv::Position::line);
+        let (rec, line) = numbered(rec, path)?;
         let id: u32 = number(path, line, "session_id", &rec[0])?;
         if id == 0 {
             return Err(row_err(path, line, "session_id must be >= 1"));
@@ -123,11 +126,7 @@ pub fn read_sites<R: Read>(input: R, path: &Path, sessions: Vec<Session>) -> Res
     let mut communes: HashMap<String, (String, String, u64)> = HashMap::new();
     let mut site_lines: HashMap<String, u64> = HashMap::new();
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| {
-            let line = e.position().map_or(0, csv::Position::line);
-            row_err(path, line, e.to_string())
-        })?;
-        let line = rec.position().map_or(0, csv::Position::line);
+        let (rec, line) = numbered(rec, path)?;
         let site_id = non_empty(path, line, "site_id", &rec[0])?;
         let site_name = non_empty(path, line, "site_name", &rec[1])?;
         let pcode = non_empty(path, line, "province_code", &rec[2])?;

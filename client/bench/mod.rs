@@ -319,7 +319,12 @@ async fn open_all(
                 match open(ch.clone(), &auth, &site, 1).await {
                     Ok(s) => return Ok((i, s, refused)),
                     // Refused (admission) or a connection reset while thousands connect at once.
-                    Err(st) if matches!(st.code(), Code::ResourceExhausted | Code::Unavailable | Code::Unknown | Code::Cancelled) => {
+                    Err(st)
+                        if matches!(
+                            st.code(),
+                            Code::ResourceExhausted | Code::Unavailable | Code::Unknown | Code::Cancelled
+                        ) =>
+                    {
                         refused += u64::from(st.code() == Code::ResourceExhausted);
                         let j: f64 = rand::random_range(0.8..1.2);
                         tokio::time::sleep(delay.mul_f64(j)).await;

@@ -81,8 +81,9 @@ pub struct BenchArgs {
     /// Reports per batch (one per session, cycling).
     #[arg(long, default_value_t = 4)]
     pub reports_per_batch: u32,
-    /// Batches in flight per stream (saturate).
-    #[arg(long, default_value_t = 2)]
+    /// Batches in flight per stream (saturate). The site agent pipelines up to 16; with 2, a
+    /// journal's commit wait dominates the round trip and the run measures latency, not capacity.
+    #[arg(long, default_value_t = 8)]
     pub window: u32,
     /// Total reports per second (paced).
     #[arg(long, default_value_t = 1_000_000)]

@@ -19,7 +19,6 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming, transport::Channel};
-use tracing::Instrument;
 
 use self::{
     backoff::{Backoff, BackoffConfig},
@@ -167,8 +166,9 @@ impl Reporter {
             status: status_tx,
             commands: rx,
         };
-        let span = tracing::info_span!("reporter", site = %actor.config.site, desk = actor.config.desk);
-        let task = tokio::spawn(actor.run().instrument(span));
+        // No span on the task (it would be entered on every poll, 20,000 times over in the
+        // simulation); log lines carry site and desk.
+        let task = tokio::spawn(actor.run());
         Ok(Self { commands, status, task })
     }
 
@@ -284,7 +284,10 @@ impl Actor {
                             self.backoff.reset();
                             self.conn = Some(conn);
                             if let Err(e) = self.on_resume(resume).await {
-                                tracing::error!(error = %e, "cannot persist resumed state");
+                                tracing::error!(
+                                    site = %self.config.site, desk = self.config.desk,
+                                    error = %e, "cannot persist resumed state"
+                                );
                                 self.conn = None;
                             } else {
                                 self.status.send_modify(|s| { s.connected = true; s.connects += 1; });
@@ -292,7 +295,10 @@ impl Actor {
                         }
                         Err(status) => {
                             let delay = self.backoff.next_delay();
-                            tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?delay, "cannot open stream");
+                            tracing::warn!(
+                                site = %self.config.site, desk = self.config.desk,
+                                code = ?status.code(), message = status.message(), retry_in = ?delay, "cannot open stream"
+                            );
                             self.set_error(format!("{:?}: {}", status.code(), status.message()));
                             retry_at = Some(Instant::now() + delay);
                         }
@@ -303,13 +309,19 @@ impl Actor {
                         Ok(Some(resp)) => match resp.kind {
                             Some(report_response::Kind::Ack(ack)) => self.on_ack(ack).await,
                             Some(report_response::Kind::Resume(_)) | None => {
-                                tracing::warn!("unexpected message on a resumed stream; reconnecting");
+                                tracing::warn!(
+                                    site = %self.config.site, desk = self.config.desk,
+                                    "unexpected message on a resumed stream; reconnecting"
+                                );
                                 self.conn = None;
                             }
                         },
                         Ok(None) => { self.conn = None; }
                         Err(status) => {
-                            tracing::info!(code = ?status.code(), message = status.message(), "stream ended");
+                            tracing::info!(
+                                site = %self.config.site, desk = self.config.desk,
+                                code = ?status.code(), message = status.message(), "stream ended"
+                            );
                             self.set_error(format!("{:?}: {}", status.code(), status.message()));
                             self.conn = None;
                         }
@@ -434,7 +446,10 @@ impl Actor {
         }
         if !replies.is_empty() && self.state != before {
             if let Err(e) = self.persist().await {
-                tracing::error!(error = %e, "check-ins not recorded: state could not be saved");
+                tracing::error!(
+                    site = %self.config.site, desk = self.config.desk,
+                    error = %e, "check-ins not recorded: state could not be saved"
+                );
                 self.state = before;
                 let msg = e.to_string();
                 for r in replies {
@@ -470,7 +485,7 @@ impl Actor {
                 local.seq = if local.seq > 0 { reg.seq + 1 } else { reg.seq };
             } else if reg.seq > local.seq {
                 tracing::warn!(
-                    session = reg.session,
+                    site = %self.config.site, desk = self.config.desk, session = reg.session,
                     local_seq = local.seq,
                     server_seq = reg.seq,
                     "aggregator holds a newer state than this desk; adopting it (is another reporter using this desk?)"
@@ -480,7 +495,7 @@ impl Actor {
                 local.reason = None;
             } else if reg.seq == local.seq && reg.count != local.count {
                 tracing::error!(
-                    session = reg.session,
+                    site = %self.config.site, desk = self.config.desk, session = reg.session,
                     seq = reg.seq,
                     local = local.count,
                     server = reg.count,
@@ -535,18 +550,27 @@ impl Actor {
             if code == Code::Aborted {
                 // Conflict: our count is the desk's truth; move past the aggregator's seq.
                 if let (Some(reg), Some(cur)) = (self.state.sessions.get_mut(&r.session), &r.current) {
-                    tracing::error!(session = r.session, seq = r.seq, "conflict; re-sending with a newer seq");
+                    tracing::error!(
+                        site = %self.config.site, desk = self.config.desk,
+                        session = r.session, seq = r.seq, "conflict; re-sending with a newer seq"
+                    );
                     reg.seq = reg.seq.max(cur.seq) + 1;
                     rebased = true;
                 }
             } else {
-                tracing::error!(session = r.session, seq = r.seq, code = ?code, message = %r.message, "report refused");
+                tracing::error!(
+                    site = %self.config.site, desk = self.config.desk,
+                    session = r.session, seq = r.seq, code = ?code, message = %r.message, "report refused"
+                );
                 let s = self.settled.entry(r.session).or_default();
                 *s = (*s).max(r.seq);
             }
         }
         if rebased && let Err(e) = self.persist().await {
-            tracing::error!(error = %e, "cannot persist rebased state");
+            tracing::error!(
+                site = %self.config.site, desk = self.config.desk,
+                error = %e, "cannot persist rebased state"
+            );
         }
         self.publish_local();
     }

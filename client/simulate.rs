@@ -360,7 +360,10 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     tracing::info!(elapsed = ?start.elapsed(), "stopping");
     let _ = server.stop().await;
     tracing::info!(elapsed = ?start.elapsed(), "stopped");
-    let _ = plan.silent;
+    let mut mismatches = mismatches;
+    if silent as usize != plan.silent.len() {
+        mismatches.push(format!("{silent} sites flagged silent, {} never connected", plan.silent.len()));
+    }
     Ok(SimulationReport {
         sites: registry.sites.len(),
         reporters: plan.desks.len(),

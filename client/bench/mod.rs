@@ -521,7 +521,9 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
     report.server_cpu_cores = cpu / seconds;
     let (mx, mn) = per_stream.iter().map(|c| c.load(Relaxed)).fold((0, u64::MAX), |(a, b), v| (a.max(v), b.min(v)));
     report.fairness_max_over_min = if mn == 0 { f64::INFINITY } else { mx as f64 / mn as f64 };
-    let _ = sent;
+    if sent != counted {
+        return Err(BenchError::Mismatch(format!("load generator sent {sent} reports but saw {counted} acknowledged")));
+    }
     if counted != applied {
         return Err(BenchError::Mismatch(format!(
             "load generator saw {counted} reports acknowledged, aggregator counted {applied} applied"

@@ -56,6 +56,13 @@ pub async fn channel(url: &str) -> Result<Channel, ConnectError> {
     endpoint(url)?.connect().await.map_err(|source| ConnectError::Connect { url: url.to_owned(), source })
 }
 
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authorized<T>(msg: T, token: &str) -> Result<tonic::Request<T>, ConnectError> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("authorization", bearer(token)?);
+    Ok(req)
+}
+
 /// `Bearer <token>` as a metadata value.
 pub fn bearer(token: &str) -> Result<MetadataValue<Ascii>, ConnectError> {
     format!("Bearer {token}").parse().map_err(|_| ConnectError::Token)

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
-use super::connect::{ConnectError, bearer};
+use super::connect::{ConnectError, authorized};
 use crate::proto::v1::{
     BreakdownOrder, BreakdownRequest, Scope, ScopeKind, ScopeTotals, WatchRequest, totals_client::TotalsClient,
 };
@@ -160,12 +160,6 @@ fn table(children: &[ScopeTotals]) -> String {
         ));
     }
     out
-}
-
-fn authorized<T>(msg: T, token: &str) -> Result<Request<T>, DashboardError> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert("authorization", bearer(token)?);
-    Ok(req)
 }
 
 /// `headcount totals`: prints a scope and its children (none for a site).

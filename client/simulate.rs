@@ -15,10 +15,10 @@ use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
 use super::{
-    connect::{ConnectError, bearer, endpoint},
+    connect::{ConnectError, authorized, endpoint},
     dashboard::thousands,
     reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
 };
@@ -348,8 +348,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     tracing::info!(elapsed = ?start.elapsed(), "verified");
     let silent = {
         let mut c = TotalsClient::new(channels[0].clone());
-        let mut req = Request::new(crate::proto::v1::SilentSitesRequest { scope: None, limit: 0 });
-        req.metadata_mut().insert("authorization", bearer(&read_token)?);
+        let req = authorized(crate::proto::v1::SilentSitesRequest { scope: None, limit: 0 }, &read_token)?;
         c.silent_sites(req).await?.into_inner().total_silent
     };
     for r in reporters {
@@ -430,9 +429,9 @@ async fn drive_desk(
 /// Shows the aggregator's live national total (from a Watch stream) next to the progress bar.
 async fn watch_national(channel: Channel, token: String, bar: ProgressBar, progress: Arc<AtomicU64>) {
     let mut client = TotalsClient::new(channel);
-    let Ok(auth) = bearer(&token) else { return };
-    let mut req = Request::new(WatchRequest { scope: None, session: None, include_children: false });
-    req.metadata_mut().insert("authorization", auth);
+    let Ok(req) = authorized(WatchRequest { scope: None, session: None, include_children: false }, &token) else {
+        return;
+    };
     let Ok(resp) = client.watch(req).await else { return };
     let mut stream = resp.into_inner();
     while let Ok(Some(u)) = stream.message().await {
@@ -458,7 +457,6 @@ async fn verify(
     sessions: usize,
 ) -> Result<(usize, Vec<String>), SimulateError> {
     let mut client = TotalsClient::new(channel);
-    let auth = bearer(token)?;
     let mut checked = 0;
     let mut bad = Vec::new();
     let want = |sites: &mut dyn Iterator<Item = u32>, s: Option<usize>| -> i64 {
@@ -477,13 +475,10 @@ async fn verify(
             .extend(registry.provinces.iter().map(|p| Scope { kind: ScopeKind::Province as i32, id: p.code.clone() }));
         scopes.extend(registry.communes.iter().map(|c| Scope { kind: ScopeKind::Commune as i32, id: c.id.clone() }));
         for scope in scopes {
-            let mut req = Request::new(BreakdownRequest {
-                scope: Some(scope.clone()),
-                session,
-                order: BreakdownOrder::Id as i32,
-                limit: 0,
-            });
-            req.metadata_mut().insert("authorization", auth.clone());
+            let req = authorized(
+                BreakdownRequest { scope: Some(scope.clone()), session, order: BreakdownOrder::Id as i32, limit: 0 },
+                token,
+            )?;
             let b = client.breakdown(req).await?.into_inner();
             let parent = b.parent.unwrap_or_default();
             let expect_parent = match ScopeKind::try_from(scope.kind) {

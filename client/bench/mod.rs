@@ -285,13 +285,12 @@ async fn open(channel: Channel, auth: &Auth, site: &str, desk: u32) -> Result<Ra
     }
 }
 
+/// A request with the benchmark's read token (minted once).
 fn authorized<T>(msg: T) -> Result<Request<T>, BenchError> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        bearer(&Auth::new(SECRET.as_bytes()).map_err(|e| BenchError::Mismatch(e.to_string()))?.read_token("bench"))?,
-    );
-    Ok(r)
+    static READ_TOKEN: std::sync::LazyLock<Option<String>> =
+        std::sync::LazyLock::new(|| Auth::new(SECRET.as_bytes()).ok().map(|a| a.read_token("bench")));
+    let token = READ_TOKEN.as_deref().ok_or_else(|| BenchError::Mismatch("benchmark secret rejected".into()))?;
+    Ok(super::connect::authorized(msg, token)?)
 }
 
 /// (reports applied, durable flushes) as counted by the aggregator.

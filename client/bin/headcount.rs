@@ -173,6 +173,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a report as pretty JSON or through its human-readable printer.
+fn emit<W: Write, R: serde::Serialize>(
+    out: &mut W,
+    json: bool,
+    report: &R,
+    print: fn(&R, &mut W),
+) -> Result<(), Box<dyn std::error::Error>> {
+    if json {
+        serde_json::to_writer_pretty(&mut *out, report)?;
+        writeln!(out)?;
+    } else {
+        print(report, out);
+    }
+    Ok(())
+}
+
 async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut stdout = std::io::stdout().lock();
     match command {
@@ -184,12 +200,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 );
             }
             let report = simulate::run(&args).await?;
-            if args.json {
-                serde_json::to_writer_pretty(&mut stdout, &report)?;
-                writeln!(stdout)?;
-            } else {
-                simulate::print_report(&report, &mut stdout);
-            }
+            emit(&mut stdout, args.json, &report, simulate::print_report)?;
             Ok(if report.exact() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Site(args) => {
@@ -257,12 +268,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Bench(args) => {
             let report = bench::run(&args).await?;
-            if args.json {
-                serde_json::to_writer_pretty(&mut stdout, &report)?;
-                writeln!(stdout)?;
-            } else {
-                bench::print(&report, &mut stdout);
-            }
+            emit(&mut stdout, args.json, &report, bench::print)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Registry(args) => {

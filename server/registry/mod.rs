@@ -81,7 +81,9 @@ pub struct Registry {
     province_by_code: HashMap<String, u32>,
     commune_by_id: HashMap<String, u32>,
     site_by_id: HashMap<String, u32>,
-    session_by_id: HashMap<u32, u16>,
+    /// Looked up for every report: Fx hashing (keys are small registry ids, not attacker-chosen
+    /// strings).
+    session_by_id: rustc_hash::FxHashMap<u32, u16>,
     registered_total: u64,
 }
 
@@ -211,7 +213,7 @@ impl Registry {
             provinces[province as usize].registered += u64::from(site.registered);
             sites.push(site);
         }
-        let mut session_by_id = HashMap::new();
+        let mut session_by_id = rustc_hash::FxHashMap::default();
         for (i, s) in rows.sessions.iter().enumerate() {
             if session_by_id.insert(s.id, i as u16).is_some() {
                 return Err(RegistryError::Duplicate { kind: "session", id: s.id.to_string() });

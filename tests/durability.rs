@@ -481,7 +481,8 @@ async fn graceful_shutdown_under_load_loses_nothing_and_exits_in_time() {
     let (h, reg, proxy, mut server, desks) = setup_behind_proxy().await;
     let driving = drive(&desks, 20, 5);
     tokio::pin!(driving);
-    let _ = tokio::time::timeout(Duration::from_millis(30), &mut driving).await;
+    // (In a fast build the drive can finish within this window; then it must not be polled again.)
+    let finished_early = tokio::time::timeout(Duration::from_millis(30), &mut driving).await.is_ok();
     // SIGTERM while reports flow.
     let pid = server.child.id().to_string();
     let started = std::time::Instant::now();
@@ -504,7 +505,9 @@ async fn graceful_shutdown_under_load_loses_nothing_and_exits_in_time() {
         assert!(stored >= *acked, "site {site}: {stored} stored, {acked} acknowledged before shutdown");
     }
     proxy.set(Some(server.addr));
-    driving.await;
+    if !finished_early {
+        driving.await;
+    }
     for d in &desks {
         d.reporter.flush(DEADLINE).await.expect("acknowledged");
     }

@@ -2,11 +2,19 @@
 //! 8 KiB to decode on every stream; with ~20,000 long-lived, mostly idle streams that is most of
 //! the aggregator's memory. Our messages are a few hundred bytes, so 1 KiB buffers (which still
 //! grow on demand for a large message) keep per-stream memory small at no throughput cost.
+//!
+//! The decoder also parses from the contiguous slice rather than through `Buf`: with prost over
+//! tonic's `DecodeBuf`, every field's bytes advance a `BytesMut` (7 % of the aggregator's profile
+//! at 64 reports per batch); a slice advances a pointer.
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use prost::bytes::Buf;
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+};
+use tonic_prost::ProstEncoder;
 
 /// Initial buffer per stream direction.
 const BUFFER: usize = 1024;
@@ -31,13 +39,40 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = SliceDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::new(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
+        SliceDecoder(PhantomData)
+    }
+}
+
+/// Decodes a `U` from the contiguous bytes of one message.
+#[derive(Debug)]
+pub struct SliceDecoder<U>(PhantomData<U>);
+
+impl<U: prost::Message + Default> Decoder for SliceDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let len = buf.remaining();
+        let decoded = if buf.chunk().len() == len {
+            let item = U::decode(buf.chunk());
+            buf.advance(len);
+            item
+        } else {
+            // Not contiguous (tonic's buffer always is; kept for safety): the general path.
+            U::decode(buf)
+        };
+        // As tonic-prost: a message that does not parse is INTERNAL (gRPC status code guide).
+        decoded.map(Some).map_err(|e| Status::internal(e.to_string()))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER, YIELD_THRESHOLD)
     }
 }

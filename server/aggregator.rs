@@ -92,6 +92,18 @@ impl StatCounter {
     }
 }
 
+/// One report applied to its register.
+struct Applied {
+    /// The register afterwards.
+    register: Register,
+    /// Session index.
+    session: usize,
+    /// Change in count to roll up.
+    delta: i64,
+    /// Whether the register changed (else the report was stale or a duplicate).
+    changed: bool,
+}
+
 /// Counters describing what the aggregator did since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -349,18 +361,15 @@ impl Aggregator {
         Ok(session)
     }
 
-    /// Applies one report. On success returns the register's stored state afterwards.
-    pub fn apply(&self, r: ReporterId, report: &Report, now: i64) -> Result<Register, Error> {
+    /// Applies one report to its register. Leaves the rollups and the applied/unchanged
+    /// statistics to the caller (see [`Applied`]).
+    fn apply(&self, r: ReporterId, report: &Report, now: i64) -> Result<Applied, Error> {
         let s = &self.shared;
         let session = self.validate(report)?;
         let key = RegisterKey { site: r.site, desk: r.desk, session };
         match s.registers.apply(key, report.seq, report.count) {
             Outcome::Applied { previous, current } => {
                 let delta = current.count - previous.count;
-                if delta != 0 {
-                    s.tallies.add(r.site, session as usize, delta, now);
-                }
-                s.applied.add(r.site, 1);
                 if delta < 0 {
                     let c = Correction {
                         site_id: s.registry.sites[r.site as usize].id.clone(),
@@ -377,11 +386,10 @@ impl Aggregator {
                     }
                     s.audit.record(c);
                 }
-                Ok(current)
+                Ok(Applied { register: current, session: session as usize, delta, changed: true })
             }
             Outcome::Unchanged(stored) => {
-                s.unchanged.add(r.site, 1);
-                Ok(stored)
+                Ok(Applied { register: stored, session: session as usize, delta: 0, changed: false })
             }
             Outcome::Conflict(stored) => {
                 tracing::warn!(
@@ -394,7 +402,10 @@ impl Aggregator {
         }
     }
 
-    /// Applies a batch report by report and builds its ack.
+    /// Applies a batch report by report and builds its ack. The rollups get one add per session
+    /// per batch (the batch's net change), not one per report: every report still goes through
+    /// the counting rule on its register, but the eight shared counters a report would touch
+    /// were a fifth of the aggregator's time at 64 reports per batch.
     pub fn apply_batch(&self, r: ReporterId, batch: &ReportBatch) -> Ack {
         let s = &self.shared;
         let now = now_ms();
@@ -411,17 +422,23 @@ impl Aggregator {
             ack.rejections = batch.reports.iter().map(|rep| self.rejection(r, rep, &err)).collect();
             return ack;
         }
+        // Per entry of `ack.applied`: the session index and the net change to roll up.
+        let mut rollup: Vec<(usize, i64)> = Vec::new();
+        let mut changed = 0;
         for report in &batch.reports {
             match self.apply(r, report, now) {
-                Ok(reg) => {
+                Ok(Applied { register: reg, session, delta, changed: c }) => {
+                    changed += u64::from(c);
                     // One entry per session: a later report of the same session supersedes.
-                    match ack.applied.iter_mut().find(|a| a.session == report.session) {
-                        Some(a) => {
-                            a.seq = reg.seq;
-                            a.count = reg.count;
+                    match ack.applied.iter().position(|a| a.session == report.session) {
+                        Some(i) => {
+                            ack.applied[i].seq = reg.seq;
+                            ack.applied[i].count = reg.count;
+                            rollup[i].1 += delta;
                         }
                         None => {
-                            ack.applied.push(RegisterState { session: report.session, seq: reg.seq, count: reg.count })
+                            ack.applied.push(RegisterState { session: report.session, seq: reg.seq, count: reg.count });
+                            rollup.push((session, delta));
                         }
                     }
                 }
@@ -435,6 +452,13 @@ impl Aggregator {
                 }
             }
         }
+        for (session, delta) in rollup {
+            if delta != 0 {
+                s.tallies.add(r.site, session, delta, now);
+            }
+        }
+        s.applied.add(r.site, changed);
+        s.unchanged.add(r.site, batch.reports.len() as u64 - changed - ack.rejections.len() as u64);
         ack
     }
 

@@ -153,7 +153,11 @@ impl Tallies {
         for node in self.path(site) {
             let cell = self.level(node.level).cell(node.index, session, site as usize);
             cell.count.fetch_add(delta, Relaxed);
-            cell.changed_ms.fetch_max(now_ms, Relaxed);
+            // The clock moves once a millisecond; a read first avoids taking the line
+            // exclusively (a CAS loop) for the thousands of adds within the same millisecond.
+            if cell.changed_ms.load(Relaxed) < now_ms {
+                cell.changed_ms.fetch_max(now_ms, Relaxed);
+            }
         }
     }
 

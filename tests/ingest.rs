@@ -362,3 +362,31 @@ async fn health_reports_serving() {
     let unknown = within("health check", health.check(HealthCheckRequest { service: "no.such.Service".into() })).await;
     assert_eq!(unknown.expect_err("unknown service").code(), Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_batch_rolls_up_its_net_change_per_session_and_counts_each_report_once() {
+    let ts = start_small().await;
+    let ch = ts.channel().await;
+    let reader = ts.reader().await;
+    let (_, sid) = ts.site_with_desks(1, 3);
+    let mut st = ts.open(&ch, &sid, 1).await;
+    let ack = st
+        .send_batch(vec![
+            report(1, 1, 5),
+            report(2, 1, 3),
+            report(1, 1, 5),                    // duplicate: unchanged
+            report(1, 2, 8),                    // applied
+            report(99, 1, 1),                   // unknown session: rejected
+            report(2, 1, 4),                    // same seq, other count: conflict, rejected
+            correction(1, 3, 6, "double scan"), // applied, a correction
+        ])
+        .await;
+    assert_eq!(ack.applied, vec![reg(1, 3, 6), reg(2, 1, 3)]);
+    let rejected: Vec<(u32, u64)> = ack.rejections.iter().map(|r| (r.session, r.seq)).collect();
+    assert_eq!(rejected, vec![(99, 1), (2, 1)]);
+    assert_eq!(counts(&reader, &sid, 1).await, (9, 6, 9));
+    assert_eq!(reader.count(site(&sid), Some(2)).await, 3);
+    let stats = ts.server.aggregator.stats();
+    assert_eq!((stats.applied, stats.unchanged, stats.rejected, stats.batches), (4, 1, 2, 1));
+    assert_eq!(reader.corrections(10).await.corrections.len(), 1, "the correction is audited");
+}

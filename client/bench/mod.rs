@@ -490,11 +490,26 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
         })?
     };
     let mut peak_rss = 0;
+    // Fairness is measured in the steady state: from a quarter of the run to the stop. At the
+    // start every stream fills its window at once and the first ~80,000 batches drain in an
+    // arbitrary order, which would charge 1–2 s of start-up queueing to whichever streams
+    // queued last.
+    let snapshot = || per_stream.iter().map(|c| c.load(Relaxed)).collect::<Vec<u64>>();
+    let warm = Instant::now() + args.duration / 4;
     let end = Instant::now() + args.duration;
+    let mut at_warm = None;
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak_rss = peak_rss.max(server.memory().0);
+        if at_warm.is_none() && Instant::now() >= warm {
+            at_warm = Some(snapshot());
+        }
     }
+    let steady: Vec<u64> = snapshot()
+        .iter()
+        .zip(at_warm.unwrap_or_default().iter().chain(std::iter::repeat(&0)))
+        .map(|(e, w)| e - w)
+        .collect();
     stop.store(true, Relaxed);
     let mut sent = 0;
     while let Some(r) = set.join_next().await {
@@ -518,7 +533,7 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
     report.server_rss_mb = rss as f64 / 1e6;
     report.server_peak_rss_mb = hwm.max(peak_rss) as f64 / 1e6;
     report.server_cpu_cores = cpu / seconds;
-    let (mx, mn) = per_stream.iter().map(|c| c.load(Relaxed)).fold((0, u64::MAX), |(a, b), v| (a.max(v), b.min(v)));
+    let (mx, mn) = steady.iter().fold((0, u64::MAX), |(a, b), &v| (a.max(v), b.min(v)));
     report.fairness_max_over_min = if mn == 0 { f64::INFINITY } else { mx as f64 / mn as f64 };
     if sent != counted {
         return Err(BenchError::Mismatch(format!("load generator sent {sent} reports but saw {counted} acknowledged")));

@@ -38,11 +38,17 @@ def med(ds, key, sub=None):
     vals = [d[key][sub] if sub else d[key] for d in ds]
     vals = [v for v in vals if v is not None]
     return round(statistics.median(vals), 2) if vals else None
+def per_core(ds):
+    # Applied reports per second of server CPU: the efficiency a thread count achieves, whatever
+    # share of the 2 cores the load generator leaves the server.
+    vals = [d["applied_per_second"] / d["server_cpu_cores"] for d in ds if d.get("server_cpu_cores")]
+    return f"{statistics.median(vals):.4g}" if vals else None
 for name, ds in groups.items():
     print(f"{name:14} runs={len(ds)} applied/s={med(ds,'applied_per_second')} "
           f"ack p50/p99={med(ds,'ack_latency','p50_ms')}/{med(ds,'ack_latency','p99_ms')} ms "
           f"fresh p99={med(ds,'watch_freshness','p99_ms')} ms query p99={med(ds,'totals_query','p99_ms')} ms "
-          f"rss={med(ds,'server_rss_mb')} MB cpu={med(ds,'server_cpu_cores')} fair={med(ds,'fairness_max_over_min')} "
+          f"rss={med(ds,'server_rss_mb')} MB cpu={med(ds,'server_cpu_cores')} "
+          f"per-server-core={per_core(ds)}/s fair={med(ds,'fairness_max_over_min')} "
           f"admit={med(ds,'admit_all_seconds')} s B/stream={med(ds,'bytes_per_stream')} startup={med(ds,'startup_seconds')} s")
 PY
 echo "raw JSON in $out"

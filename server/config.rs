@@ -56,6 +56,15 @@ pub struct ServerArgs {
     /// Most concurrent streams on one HTTP/2 connection (tonic's default is unlimited).
     #[arg(long, env = "HEADCOUNT_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
     pub max_streams_per_connection: u32,
+    /// HTTP/2 receive window per stream, bytes: what one reporter may have sent and the
+    /// aggregator not yet read (hyper's default is 1 MiB). Bounds what a reporter that stops
+    /// reading its acks can make the aggregator buffer.
+    #[arg(long, env = "HEADCOUNT_STREAM_WINDOW", default_value_t = 32 * 1024)]
+    pub stream_window: u32,
+    /// HTTP/2 receive window per connection, bytes: what all streams of one connection together
+    /// may have in flight unread.
+    #[arg(long, env = "HEADCOUNT_CONNECTION_WINDOW", default_value_t = 1024 * 1024)]
+    pub connection_window: u32,
     /// HTTP/2 keepalive ping interval: half-open connections are reaped.
     #[arg(long, env = "HEADCOUNT_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub keepalive_interval: Duration,
@@ -120,6 +129,8 @@ impl ServerArgs {
     pub fn transport(&self) -> Transport {
         Transport {
             max_streams_per_connection: self.max_streams_per_connection,
+            stream_window: self.stream_window,
+            connection_window: self.connection_window,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
             max_message_bytes: self.max_message_bytes,

@@ -15,6 +15,10 @@ use crate::proto::v1::{FILE_DESCRIPTOR_SET, ingest_server::IngestServer, totals_
 pub struct Transport {
     /// Concurrent streams per HTTP/2 connection.
     pub max_streams_per_connection: u32,
+    /// HTTP/2 receive window per stream (bytes sent to us and not yet read).
+    pub stream_window: u32,
+    /// HTTP/2 receive window per connection.
+    pub connection_window: u32,
     /// HTTP/2 keepalive ping interval.
     pub keepalive_interval: Duration,
     /// Keepalive ping timeout.
@@ -31,6 +35,8 @@ impl Default for Transport {
     fn default() -> Self {
         Self {
             max_streams_per_connection: 1024,
+            stream_window: 32 * 1024,
+            connection_window: 1024 * 1024,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 256 * 1024,
@@ -137,6 +143,8 @@ fn builder(transport: &Transport) -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(transport.keepalive_timeout))
         .http2_max_pending_accept_reset_streams(Some(100))
         .http2_max_local_error_reset_streams(Some(1024))
+        .initial_stream_window_size(Some(transport.stream_window))
+        .initial_connection_window_size(Some(transport.connection_window))
 }
 
 /// Accepted sockets with `TCP_NODELAY` and TCP keepalive. With our own listener tonic's

@@ -7,7 +7,10 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::*;
-use headcount::client::{Reporter, ReporterConfig, connect, reporter::state::MemoryStore};
+use headcount::{
+    client::{Reporter, ReporterConfig, connect, reporter::state::MemoryStore},
+    proto::v1::{RegisterState, ReportResponse, report_response},
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
@@ -277,4 +280,63 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     within("server stops", stopping).await.expect("stop task").expect("clean stop");
     let refused = open_stream(ch.clone(), Some("t"), Some(&sid), None).await;
     assert_eq!(refused.err().map(|s| s.code()), Some(Code::Unavailable));
+}
+
+/// A reporter that sends without reading its acks is held back by HTTP/2 flow control: the
+/// aggregator buffers a bounded amount for it and stops reading it, while every other reporter
+/// carries on; once it reads again, nothing it sent is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reporter_that_does_not_read_its_acks_holds_back_only_itself() {
+    // Far more batches than the windows hold: the aggregator's 32 KiB receive window (~1,500
+    // batches) plus ~4,000 unread acks in the 64 KiB windows this client sets below (hyper's
+    // client would otherwise accept 2 MiB of acks per stream). If the aggregator buffered without
+    // bound, the sender would finish.
+    const SENT: u64 = 20_000;
+    let ts = start_small().await;
+    let reader = ts.reader().await;
+    let (_, slow_id) = ts.site_with_desks(1, 0);
+    let (_, fast_id) = ts.site_with_desks(1, 1);
+    let small_windows = tonic::transport::Endpoint::from_shared(ts.url())
+        .expect("url")
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect");
+    let slow = ts.open(&small_windows, &slow_id, 1).await;
+    let mut fast = ts.open(&ts.channel().await, &fast_id, 1).await;
+    let RawStream { tx, rx: mut slow_acks, .. } = slow;
+    let sender = tokio::spawn(async move {
+        for seq in 1..=SENT {
+            if tx.send(batch(vec![report(1, seq, seq as i64)])).await.is_err() {
+                return seq;
+            }
+        }
+        SENT
+    });
+    eventually("the slow reporter's first thousand batches are applied", DEADLINE, || async {
+        let n = reader.count(site(&slow_id), None).await;
+        if n >= 1_000 { Ok(()) } else { Err(format!("{n} applied")) }
+    })
+    .await;
+    for seq in 1..=100u64 {
+        let ack = fast.send_batch(vec![report(2, seq, seq as i64)]).await;
+        assert_eq!(ack.applied, vec![RegisterState { session: 2, seq, count: seq as i64 }]);
+    }
+    assert_eq!(reader.count(site(&fast_id), None).await, 100);
+    assert!(!sender.is_finished(), "the aggregator kept reading a reporter that reads no acks");
+    // Reading again releases it; every batch is applied and acknowledged in order.
+    let mut last = 0;
+    while last < SENT {
+        match within("ack of the slow reporter", slow_acks.message()).await {
+            Ok(Some(ReportResponse { kind: Some(report_response::Kind::Ack(ack)) })) => {
+                let seq = ack.applied.first().map_or(0, |r| r.seq);
+                assert_eq!(seq, last + 1, "acks in order, one per batch");
+                last = seq;
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    assert_eq!(within("slow sender", sender).await.expect("sender task"), SENT);
+    assert_eq!(reader.count(site(&slow_id), None).await, SENT as i64);
 }

@@ -85,9 +85,14 @@ pub struct BenchArgs {
     /// journal's commit wait dominates the round trip and the run measures latency, not capacity.
     #[arg(long, default_value_t = 8)]
     pub window: u32,
-    /// Total reports per second (paced).
+    /// Mean total reports per second (paced).
     #[arg(long, default_value_t = 1_000_000)]
     pub rate: u64,
+    /// Paced load is bursty: every stream sends at Poisson-random times, and the rate follows a
+    /// wave (two periods per run) between `2 − F` and `F` times the mean. 1 gives a flat Poisson
+    /// rate; at most 2.
+    #[arg(long, default_value_t = 1.8)]
+    pub peak_factor: f64,
     /// Server tokio worker threads (default: one per core).
     #[arg(long)]
     pub server_threads: Option<usize>,
@@ -110,6 +115,42 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The shape of paced load: Poisson arrivals per stream, their rate following a sine wave with
+/// two periods per run, peaking at `peak` times the mean.
+#[derive(Debug, Clone)]
+struct Burst {
+    /// Wave amplitude: the rate runs between `1 − amplitude` and `1 + amplitude` times the mean.
+    amplitude: f64,
+    period: Duration,
+}
+
+impl Burst {
+    fn new(peak: f64, run: Duration) -> Self {
+        Self { amplitude: (peak.clamp(1.0, 2.0) - 1.0).min(0.95), period: (run / 2).max(Duration::from_millis(100)) }
+    }
+
+    /// The time to a stream's next send, given its mean interval and the time into the run: a
+    /// non-homogeneous Poisson process, drawn by thinning (candidates at the peak rate, each kept
+    /// with probability rate/peak), so the wave keeps its shape even when a stream's mean
+    /// interval is long against the wave's period.
+    fn next_gap(&self, mean: Duration, elapsed: Duration) -> Duration {
+        let peak = 1.0 + self.amplitude;
+        let mut gap = Duration::ZERO;
+        // Each candidate is kept with probability ≥ (1 − a)/(1 + a) ≥ 2.5 %: 1,000 candidates
+        // all rejected has probability < 1e-11.
+        for _ in 0..1_000 {
+            let exponential = -(1.0 - rand::random_range(0.0..1.0f64)).ln();
+            gap += mean.mul_f64(exponential / peak);
+            let t = (elapsed + gap).as_secs_f64();
+            let rate = 1.0 + self.amplitude * (std::f64::consts::TAU * t / self.period.as_secs_f64()).sin();
+            if rand::random_range(0.0..1.0f64) < rate / peak {
+                break;
+            }
+        }
+        gap
+    }
 }
 
 /// Latency summary, milliseconds.
@@ -379,6 +420,7 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
         Duration::from_secs_f64(1.0 / batches_per_sec)
     });
     let window = if interval.is_some() { 64 } else { args.window.max(1) as usize };
+    let burst = Burst::new(args.peak_factor, args.duration);
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for (k, s) in streams.into_iter().enumerate() {
@@ -386,7 +428,9 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
         let acks = acks.clone();
         let per_stream = per_stream.clone();
         let sessions = sessions.clone();
-        let phase = interval.map(|i| i.mul_f64(rand::random_range(0.0..1.0)));
+        // The first send is a Poisson arrival too (a uniform first phase would add sends).
+        let phase = interval.map(|i| burst.next_gap(i, Duration::ZERO));
+        let burst = burst.clone();
         set.spawn(async move {
             let RawStream { tx, mut rx, resumed } = s;
             let mut seq = resumed.iter().map(|r| r.1).max().unwrap_or(0);
@@ -418,7 +462,7 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
                     in_flight.push_back(Instant::now());
                     sent_reports += rpb as u64;
                     if let Some(i) = interval {
-                        next_send += i;
+                        next_send += burst.next_gap(i, started.elapsed());
                     }
                     continue;
                 }

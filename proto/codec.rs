@@ -21,6 +21,10 @@ const BUFFER: usize = 1024;
 /// Bytes encoded before a stream yields to others (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
+fn settings() -> BufferSettings {
+    BufferSettings::new(BUFFER, YIELD_THRESHOLD)
+}
+
 /// A prost codec with [`BUFFER`]-sized buffers.
 #[derive(Debug, Clone, Copy)]
 pub struct LeanCodec<T, U>(PhantomData<(T, U)>);
@@ -42,7 +46,7 @@ where
     type Decoder = SliceDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
+        ProstEncoder::new(settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -73,6 +77,6 @@ impl<U: prost::Message + Default> Decoder for SliceDecoder<U> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(BUFFER, YIELD_THRESHOLD)
+        settings()
     }
 }

@@ -541,19 +541,17 @@ async fn load(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(
     let snapshot = || per_stream.iter().map(|c| c.load(Relaxed)).collect::<Vec<u64>>();
     let warm = Instant::now() + args.duration / 4;
     let end = Instant::now() + args.duration;
-    let mut at_warm = None;
+    let mut at_warm = vec![0; per_stream.len()];
+    let mut warmed = false;
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak_rss = peak_rss.max(server.memory().0);
-        if at_warm.is_none() && Instant::now() >= warm {
-            at_warm = Some(snapshot());
+        if !warmed && Instant::now() >= warm {
+            at_warm = snapshot();
+            warmed = true;
         }
     }
-    let steady: Vec<u64> = snapshot()
-        .iter()
-        .zip(at_warm.unwrap_or_default().iter().chain(std::iter::repeat(&0)))
-        .map(|(e, w)| e - w)
-        .collect();
+    let steady: Vec<u64> = snapshot().iter().zip(&at_warm).map(|(end, warm)| end - warm).collect();
     stop.store(true, Relaxed);
     let mut sent = 0;
     while let Some(r) = set.join_next().await {

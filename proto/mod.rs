@@ -3,6 +3,7 @@
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 pub mod codec;
+pub mod metadata;
 
 /// Version 1 of the Headcount protocol.
 pub mod v1 {

@@ -14,10 +14,7 @@ use super::{
 };
 use crate::proto::v1::{Ack, ReportRequest, ReportResponse, ingest_server::Ingest, report_request, report_response};
 
-/// Metadata key naming the site a stream reports for.
-pub const SITE_HEADER: &str = "x-headcount-site";
-/// Metadata key naming the desk a stream reports for (default 1).
-pub const DESK_HEADER: &str = "x-headcount-desk";
+pub use crate::proto::metadata::{DESK_HEADER, SITE_HEADER};
 
 /// The Ingest service.
 #[derive(Clone)]
@@ -68,7 +65,9 @@ impl Ingest for IngestService {
     async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
         let Ok(_permit) = self.handshakes.try_acquire() else {
             let mut status = Status::resource_exhausted("too many streams opening at once; retry after backoff");
-            status.metadata_mut().insert("retry-after-ms", tonic::metadata::MetadataValue::from(1000));
+            status
+                .metadata_mut()
+                .insert(crate::proto::metadata::RETRY_AFTER_MS_HEADER, tonic::metadata::MetadataValue::from(1000));
             return Err(status);
         };
         let reporter = self.identify(request.metadata()).inspect_err(|e| {

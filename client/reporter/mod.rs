@@ -25,11 +25,11 @@ use self::{
     state::{LocalState, StateStore, StoreError},
 };
 use super::connect::{CONNECT_TIMEOUT, ConnectError, bearer};
+use crate::proto::metadata::{DESK_HEADER, SITE_HEADER};
 use crate::proto::v1::{
     Ack, Heartbeat, Report, ReportBatch, ReportRequest, Resume, ingest_client::IngestClient, report_request,
     report_response,
 };
-use crate::server::ingest::{DESK_HEADER, SITE_HEADER};
 
 /// Settings of one reporter.
 #[derive(Debug, Clone)]

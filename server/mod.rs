@@ -13,6 +13,7 @@ pub mod durability;
 pub mod error;
 pub mod ingest;
 pub mod liveness;
+pub mod persist;
 pub mod query;
 pub mod registers;
 pub mod registry;

@@ -6,10 +6,11 @@
 //!   file with a damaged header is damage, not a crash;
 //! - a group is written at the last committed offset and counts as committed only after
 //!   `fdatasync` returns `Ok`;
-//! - after any failed or short write, or a failed sync, the file is never written again: it is
-//!   cut back to its committed length (best effort) and the group goes, whole, into a NEW journal
-//!   whose header records that committed length, so recovery reads the old file only up to it.
-//!   A failed sync is never retried on the same pages (Linux may have marked them clean).
+//! - after a failed or short write the file is cut back to its committed length and synced
+//!   before anything else is written to it; if that cut fails, or after any failed sync, the
+//!   file is never written again and the group goes, whole, into a NEW journal whose header
+//!   records the old one's committed length, so recovery reads the old file only up to it. A
+//!   failed sync is never retried on the same pages (Linux may have marked them clean).
 
 use std::{
     path::{Path, PathBuf},
@@ -34,6 +35,8 @@ pub struct Journal {
     committed: u64,
     /// A write or sync failed: this file takes no more writes (see the module doc).
     broken: bool,
+    /// The directory entry of this file is durable.
+    dir_synced: bool,
 }
 
 impl Journal {
@@ -43,30 +46,45 @@ impl Journal {
         let path = journal_path(dir, generation);
         let tmp = path.with_extension("tmp");
         let header = Header { generation, prev_committed }.encode(JOURNAL_MAGIC);
-        let made = (|| {
+        let named = (|| {
             let mut file = io.create_new(&tmp).map_err(super::store::io(&tmp))?;
             file.write_all_at(&header, 0).map_err(super::store::io(&tmp))?;
             file.sync_all().map_err(super::store::io(&tmp))?;
             io.rename_new(&tmp, &path).map_err(super::store::io(&path))?;
-            io.sync_dir(dir).map_err(super::store::io(dir))?;
             Ok(file)
         })();
-        match made {
-            Ok(file) => Ok(Self {
-                io,
-                dir: dir.to_path_buf(),
-                path,
-                file,
-                generation,
-                committed: HEADER_LEN as u64,
-                broken: false,
-            }),
+        let file = match named {
+            Ok(file) => file,
             Err(e) => {
                 // Nothing in a journal that never got its name was acknowledged.
                 let _ = io.remove(&tmp);
-                Err(e)
+                return Err(e);
             }
+        };
+        let mut journal = Self {
+            io,
+            dir: dir.to_path_buf(),
+            path,
+            file,
+            generation,
+            committed: HEADER_LEN as u64,
+            broken: false,
+            dir_synced: false,
+        };
+        // Named: from now on this is the journal (its header fixes the previous one's length).
+        // Its name must be durable before anything is committed in it; retried by `commit`.
+        if let Err(e) = journal.sync_dir() {
+            tracing::warn!(path = %journal.path.display(), error = %e, "cannot sync the data directory; retried before the next commit");
         }
+        Ok(journal)
+    }
+
+    fn sync_dir(&mut self) -> Result<(), StoreError> {
+        if !self.dir_synced {
+            self.io.sync_dir(&self.dir).map_err(io(&self.dir))?;
+            self.dir_synced = true;
+        }
+        Ok(())
     }
 
     /// Writes an encoded group at the committed offset and syncs it. `Ok`: the group is on disk.
@@ -79,9 +97,14 @@ impl Journal {
                 source: std::io::Error::other("journal closed after an earlier write or sync failure"),
             });
         }
+        self.sync_dir()?;
         crash_point("journal-before-write");
         if let Err(e) = self.file.write_all_at(buf, self.committed) {
-            self.abandon();
+            // The pages were never reported clean: cutting them off leaves the file as it was.
+            if let Err(cut) = self.file.set_len(self.committed).and_then(|()| self.file.sync_all()) {
+                tracing::warn!(path = %self.path.display(), error = %cut, "cannot cut a failed write off the journal");
+                self.broken = true;
+            }
             return Err(io(&self.path)(e));
         }
         crash_point("journal-after-write");

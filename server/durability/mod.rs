@@ -182,8 +182,11 @@ pub fn close(d: &Durability) {
 /// Rounds of failed commits after which a stopping flusher gives up (sites keep what was not
 /// acknowledged and resend it).
 const STOP_ATTEMPTS: u32 = 3;
-/// Pause between attempts while the journal cannot be written.
+/// First pause between attempts while the journal cannot be written; doubles up to
+/// [`RETRY_PAUSE_MAX`].
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between attempts.
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(3);
 
 fn run(mut f: Flusher) {
     f.source.set_flusher(thread::current(), f.durability.config.flush_records);
@@ -199,7 +202,11 @@ fn run(mut f: Flusher) {
     loop {
         let stopping = d.stop.load(SeqCst);
         if !stopping {
-            thread::park_timeout(if failures > 0 { RETRY_PAUSE } else { d.config.flush_interval });
+            let pause = match failures {
+                0 => d.config.flush_interval,
+                n => RETRY_PAUSE.saturating_mul(1 << (n - 1).min(5)).min(RETRY_PAUSE_MAX),
+            };
+            thread::park_timeout(pause);
         }
         let n = d.started.fetch_add(1, SeqCst) + 1;
         registers.extend(f.source.take_dirty());

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     audit::Audit,
+    clock::Clock,
     curve::Curve,
     durability::{
         self, Durability,
@@ -50,6 +51,8 @@ pub struct AggregatorConfig {
     pub audit_capacity: usize,
     /// How often watchers get coalesced updates.
     pub publish_tick: Duration,
+    /// Monotonic time for durations, wall time for display (injectable for tests).
+    pub clock: Clock,
 }
 
 impl Default for AggregatorConfig {
@@ -58,12 +61,13 @@ impl Default for AggregatorConfig {
             silent_after: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(1),
             max_count: 100_000,
-            max_batch: 1024,
-            max_reason: 256,
+            max_batch: super::limits::DEFAULT_MAX_BATCH,
+            max_reason: super::limits::DEFAULT_MAX_REASON,
             curve_bucket: Duration::from_secs(60),
             curve_capacity: 7 * 24 * 60,
             audit_capacity: 100_000,
             publish_tick: Duration::from_millis(250),
+            clock: Clock::system(),
         }
     }
 }
@@ -156,7 +160,7 @@ pub struct Aggregator {
     shared: Arc<Shared>,
 }
 
-/// Wall-clock Unix milliseconds.
+/// Wall-clock Unix milliseconds (display only: durations use [`Clock::mono_ms`]).
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -250,7 +254,7 @@ impl Aggregator {
                 (reg.seq > 0).then_some(RegisterState { session: session.id, seq: reg.seq, count: reg.count })
             })
             .collect();
-        s.liveness.touch(r.site, now_ms(), &s.tallies);
+        s.liveness.touch(r.site, s.config.clock.mono_ms(), &s.tallies);
         Resume {
             site_id: s.registry.sites[r.site as usize].id.clone(),
             desk: u32::from(r.desk),
@@ -283,7 +287,7 @@ impl Aggregator {
     /// A heartbeat: the site is alive.
     pub fn heartbeat(&self, r: ReporterId) {
         let s = &self.shared;
-        s.liveness.touch(r.site, now_ms(), &s.tallies);
+        s.liveness.touch(r.site, s.config.clock.mono_ms(), &s.tallies);
     }
 
     /// Checks a report without touching any state.
@@ -314,7 +318,7 @@ impl Aggregator {
 
     /// Applies one report to its register. Leaves the rollups and the applied/unchanged
     /// statistics to the caller (see [`Applied`]).
-    fn apply(&self, r: ReporterId, report: &Report, now: i64) -> Result<Applied, Error> {
+    fn apply(&self, r: ReporterId, report: &Report) -> Result<Applied, Error> {
         let s = &self.shared;
         let session = self.validate(report)?;
         let key = RegisterKey { site: r.site, desk: r.desk, session };
@@ -330,7 +334,8 @@ impl Aggregator {
                         previous_count: previous.count,
                         count: current.count,
                         reason: report.reason.clone(),
-                        unix_ms: now,
+                        // Displayed: the wall clock (monotonic time orders nothing here).
+                        unix_ms: s.config.clock.wall_ms(),
                     };
                     // Audit first: a snapshot taken before the push must hold it (see `push`).
                     s.audit.record(c.clone());
@@ -360,25 +365,35 @@ impl Aggregator {
     /// were a fifth of the aggregator's time at 64 reports per batch.
     pub fn apply_batch(&self, r: ReporterId, batch: &ReportBatch) -> Ack {
         let s = &self.shared;
-        let now = now_ms();
+        let now = s.config.clock.mono_ms();
         s.batches.add(r.site, 1);
         s.liveness.touch(r.site, now, &s.tallies);
         let mut ack = Ack::default();
         if batch.reports.len() > s.config.max_batch {
+            // ONE rejection for the whole batch, whatever its length: a rejection per report
+            // would let a small message of empty reports cost many times its size to answer.
+            s.rejected.add(r.site, batch.reports.len() as u64);
             let err = Error::InvalidArgument(format!(
-                "batch has {} reports, at most {} allowed; nothing applied",
+                "batch has {} reports, at most {} allowed; nothing of it was applied",
                 batch.reports.len(),
                 s.config.max_batch
             ));
-            s.rejected.add(r.site, batch.reports.len() as u64);
-            ack.rejections = batch.reports.iter().map(|rep| self.rejection(r, rep, &err)).collect();
+            tracing::info!(
+                site = %s.registry.sites[r.site as usize].id, desk = r.desk, reports = batch.reports.len(),
+                "oversized batch refused"
+            );
+            ack.rejections.push(Rejection {
+                code: err.code() as i32,
+                message: err.to_string(),
+                ..Rejection::default()
+            });
             return ack;
         }
         // Per entry of `ack.applied`: the session index and the net change to roll up.
         let mut rollup: Vec<(usize, i64)> = Vec::new();
         let mut changed = 0;
         for report in &batch.reports {
-            match self.apply(r, report, now) {
+            match self.apply(r, report) {
                 Ok(Applied { register: reg, session, delta, changed: c }) => {
                     changed += u64::from(c);
                     // One entry per session: a later report of the same session supersedes.
@@ -424,7 +439,7 @@ impl Aggregator {
             session: report.session,
             seq: report.seq,
             code: err.code() as i32,
-            message: err.to_string(),
+            message: super::limits::cut_message(err.to_string()),
             current,
         }
     }
@@ -450,9 +465,12 @@ impl Aggregator {
     /// One sweep and one curve sample, now.
     pub fn sweep_now(&self) {
         let s = &self.shared;
-        let now = now_ms();
-        s.liveness.sweep(now, &s.registry, &s.tallies);
-        let bucket = s.curve.bucket_start(now);
+        let jump = s.config.clock.reanchor();
+        if jump != 0 {
+            tracing::warn!(jump_ms = jump, "the wall clock moved; displayed times follow it, durations do not");
+        }
+        s.liveness.sweep(s.config.clock.mono_ms(), &s.registry, &s.tallies);
+        let bucket = s.curve.bucket_start(s.config.clock.wall_ms());
         let sample = Curve::read(&s.tallies, s.registry.provinces.len(), bucket);
         // Curve first: a snapshot taken before the push must hold it (see `push`).
         let record = s.durability.as_ref().map(|_| Record::Curve(CurveRecord::from_sample(&s.registry, &sample)));

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use super::{
     aggregator::AggregatorConfig,
     durability::DurabilityConfig,
+    limits,
     registry::{
         self, Registry,
         generate::{DEFAULT_SEED, GenerateOptions},
@@ -71,9 +72,16 @@ pub struct ServerArgs {
     /// How long a keepalive ping may go unanswered before the connection is closed.
     #[arg(long, env = "HEADCOUNT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub keepalive_timeout: Duration,
-    /// Largest accepted message, bytes.
-    #[arg(long, env = "HEADCOUNT_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
+    /// Largest accepted message, bytes (above: RESOURCE_EXHAUSTED, the stream ends). Must hold a
+    /// full batch (--max-batch reports with --max-reason-bytes reasons) and its ack.
+    #[arg(long, env = "HEADCOUNT_MAX_MESSAGE_BYTES", default_value_t = limits::DEFAULT_MAX_MESSAGE)]
     pub max_message_bytes: usize,
+    /// Most reports in one batch (above: the batch is refused with one INVALID_ARGUMENT rejection).
+    #[arg(long, env = "HEADCOUNT_MAX_BATCH", default_value_t = limits::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+    /// Longest correction reason, bytes (above: that report is refused, INVALID_ARGUMENT).
+    #[arg(long, env = "HEADCOUNT_MAX_REASON_BYTES", default_value_t = limits::DEFAULT_MAX_REASON)]
+    pub max_reason_bytes: usize,
     /// Data directory for the journal and snapshots.
     #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = "headcount-data")]
     pub data_dir: PathBuf,
@@ -103,6 +111,9 @@ pub enum ConfigError {
     /// The registry files are unusable.
     #[error("registry: {0}")]
     Registry(#[from] registry::csv::LoadError),
+    /// A setting is out of its range or does not fit with another.
+    #[error("setting: {0}")]
+    Limit(#[from] limits::LimitError),
 }
 
 impl ServerArgs {
@@ -121,6 +132,8 @@ impl ServerArgs {
             publish_tick: self.publish_tick,
             curve_bucket: self.curve_bucket,
             max_count: self.max_count,
+            max_batch: self.max_batch,
+            max_reason: self.max_reason_bytes,
             ..AggregatorConfig::default()
         }
     }
@@ -147,5 +160,36 @@ impl ServerArgs {
             flush_records: self.flush_records,
             snapshot_interval: self.snapshot_interval,
         })
+    }
+
+    /// Checks every setting's range and how the settings fit together (see [`limits`]); call
+    /// before anything is opened or bound. The error names the flag and what to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Ok(limits::check(&limits::Settings {
+            silent_after: self.silent_after,
+            publish_tick: self.publish_tick,
+            curve_bucket: self.curve_bucket,
+            max_count: self.max_count,
+            max_batch: self.max_batch,
+            max_reason: self.max_reason_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_streams_per_connection: self.max_streams_per_connection,
+            stream_window: self.stream_window,
+            connection_window: self.connection_window,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            flush_interval: self.flush_interval,
+            flush_records: self.flush_records,
+            snapshot_interval: self.snapshot_interval,
+            max_concurrent_handshakes: self.max_concurrent_handshakes,
+            grace: self.grace,
+        })?)
+    }
+
+    /// Checks the settings that depend on the registry: `--max-count` times the number of
+    /// registers (Σ desks × sessions) must fit in an `i64`.
+    pub fn validate_for(&self, registry: &Registry) -> Result<(), ConfigError> {
+        let desks: u64 = registry.sites.iter().map(|s| u64::from(s.desks)).sum();
+        Ok(limits::check_registry(self.max_count, desks * registry.sessions.len() as u64)?)
     }
 }

@@ -12,7 +12,7 @@
 use std::{path::PathBuf, sync::Arc, thread};
 
 use super::{
-    aggregator::{Aggregator, AggregatorConfig, now_ms},
+    aggregator::{Aggregator, AggregatorConfig},
     durability::{
         self, Durability, DurabilityConfig, Flusher, Source,
         fs::{Io, RealIo},
@@ -141,7 +141,7 @@ fn restore(agg: &Aggregator, rec: Recovered) -> Result<RecoveryReport, OpenError
         }
         return Err(OpenError::RegistryMismatch(msg));
     }
-    let now = now_ms();
+    let now = s.config.clock.mono_ms();
     for (key, r) in places {
         if let Some(previous) = s.registers.restore(key, r) {
             s.tallies.add(key.site, key.session as usize, r.count - previous.count, now);

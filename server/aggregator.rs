@@ -28,7 +28,7 @@ use super::{
     registry::Registry,
     tally::Tallies,
 };
-use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch, Resume, SessionInfo};
+use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch, Resume};
 
 /// Tunables of the aggregator's model (transport limits live in the server config).
 #[derive(Debug, Clone)]
@@ -260,12 +260,7 @@ impl Aggregator {
             desk: u32::from(r.desk),
             registers,
             sessions: s.registry.sessions.iter().map(|x| x.id).collect(),
-            schedule: s
-                .registry
-                .sessions
-                .iter()
-                .map(|x| SessionInfo { id: x.id, name: x.name.clone(), ..SessionInfo::default() })
-                .collect(),
+            schedule: s.registry.schedule(),
         }
     }
 

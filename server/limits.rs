@@ -126,7 +126,7 @@ pub fn check(s: &Settings) -> Result<(), LimitError> {
     span("--keepalive-timeout", s.keepalive_timeout, SEC, Duration::from_secs(600), "")?;
     span("--flush-interval", s.flush_interval, Duration::from_micros(100), Duration::from_secs(10), "")?;
     within("--flush-records", s.flush_records, 1, 10_000_000, "")?;
-    span("--snapshot-interval", s.snapshot_interval, SEC, DAY, "")?;
+    span("--snapshot-interval", s.snapshot_interval, Duration::from_millis(100), DAY, "")?;
     within("--max-concurrent-handshakes", s.max_concurrent_handshakes, 1, 1_000_000, "")?;
     span("--grace", s.grace, Duration::ZERO, Duration::from_secs(3600), "")?;
     let batch = largest_batch_message(s.max_batch, s.max_reason);

@@ -53,6 +53,10 @@ pub struct ServerArgs {
     /// Hard ceiling on one desk's count for one session (above: OUT_OF_RANGE).
     #[arg(long, env = "HEADCOUNT_MAX_COUNT", default_value_t = 100_000)]
     pub max_count: i64,
+    /// Most site-agent installs (register slots) per site; a further install's stream is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HEADCOUNT_MAX_AGENTS_PER_SITE", default_value_t = 16)]
+    pub max_agents_per_site: u16,
     /// Most concurrent streams on one HTTP/2 connection (tonic's default is unlimited).
     #[arg(long, env = "HEADCOUNT_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
     pub max_streams_per_connection: u32,
@@ -121,6 +125,7 @@ impl ServerArgs {
             publish_tick: self.publish_tick,
             curve_bucket: self.curve_bucket,
             max_count: self.max_count,
+            max_agents_per_site: self.max_agents_per_site,
             ..AggregatorConfig::default()
         }
     }

@@ -12,6 +12,7 @@ pub mod curve;
 pub mod durability;
 pub mod error;
 pub mod ingest;
+pub mod installs;
 pub mod liveness;
 pub mod query;
 pub mod registers;

@@ -81,6 +81,17 @@ pub enum Record {
         /// Counts.
         counts: Vec<i64>,
     },
+    /// An agent install claimed a register slot of a site (see `server/installs.rs`).
+    Install {
+        /// Site index.
+        site: u32,
+        /// Slot, 1-based.
+        slot: u16,
+        /// Desk number the agent declared (display only).
+        desk: u32,
+        /// The install id.
+        id: String,
+    },
     /// Snapshot trailer: how many records precede it. A snapshot without it is incomplete.
     End {
         /// Records before this one.
@@ -92,6 +103,7 @@ const TAG_REGISTER: u8 = 1;
 const TAG_CORRECTION: u8 = 2;
 const TAG_CURVE: u8 = 3;
 const TAG_END: u8 = 4;
+const TAG_INSTALL: u8 = 5;
 
 impl Record {
     /// Appends the framed record to `out`.
@@ -115,6 +127,13 @@ impl Record {
                 for c in counts {
                     out.extend_from_slice(&c.to_le_bytes());
                 }
+            }
+            Record::Install { site, slot, desk, id } => {
+                out.push(TAG_INSTALL);
+                out.extend_from_slice(&site.to_le_bytes());
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.extend_from_slice(&desk.to_le_bytes());
+                out.extend_from_slice(id.as_bytes());
             }
             Record::End { records } => {
                 out.push(TAG_END);
@@ -140,6 +159,12 @@ impl Record {
             TAG_CURVE if body.len() >= 8 && body.len() % 8 == 0 => Some(Record::Curve {
                 unix_ms: i64_at(body, 0)?,
                 counts: (8..body.len()).step_by(8).map(|i| i64_at(body, i)).collect::<Option<_>>()?,
+            }),
+            TAG_INSTALL if body.len() >= 10 => Some(Record::Install {
+                site: u32::from_le_bytes(body[0..4].try_into().ok()?),
+                slot: u16::from_le_bytes(body[4..6].try_into().ok()?),
+                desk: u32::from_le_bytes(body[6..10].try_into().ok()?),
+                id: String::from_utf8(body[10..].to_vec()).ok()?,
             }),
             TAG_END if body.len() == 8 => Some(Record::End { records: u64_at(body, 0)? }),
             _ => None,

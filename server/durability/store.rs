@@ -68,6 +68,8 @@ pub struct Recovered {
     pub corrections: Vec<Correction>,
     /// Curve samples, oldest first.
     pub curve: Vec<Sample>,
+    /// Agent install slots: (site index, install).
+    pub installs: Vec<(u32, crate::server::installs::Install)>,
     /// Generation to continue with (a new journal is started at it).
     pub next_generation: u64,
     /// Records replayed from journals.
@@ -97,6 +99,9 @@ impl Recovered {
                 Some(last) if last.unix_ms > unix_ms => {}
                 _ => self.curve.push(Sample { unix_ms, counts: counts.into() }),
             },
+            Record::Install { site, slot, desk, id } => {
+                self.installs.push((site, crate::server::installs::Install { id, desk, slot }));
+            }
             Record::End { .. } => {}
         }
     }

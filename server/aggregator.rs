@@ -312,7 +312,12 @@ impl Aggregator {
     /// claim is durable. Errors: `NOT_FOUND` (site), `INVALID_ARGUMENT` (install id),
     /// `RESOURCE_EXHAUSTED` (the site's installs are at `max_agents_per_site`), `UNAVAILABLE`
     /// (shutting down before the claim was durable).
-    pub async fn install_reporter(&self, site_id: &str, install: &str, desk: u32) -> Result<(ReporterId, Claim), Error> {
+    pub async fn install_reporter(
+        &self,
+        site_id: &str,
+        install: &str,
+        desk: u32,
+    ) -> Result<(ReporterId, Claim), Error> {
         let s = &self.shared;
         let site = s.registry.site(site_id).ok_or_else(|| Error::UnknownSite(site_id.to_owned()))?;
         let claim = s.installs.claim(site, site_id, install, desk)?;

@@ -15,8 +15,8 @@ use super::{
 };
 use crate::proto::v1::{Ack, ReportRequest, ReportResponse, ingest_server::Ingest, report_request, report_response};
 
-pub use crate::proto::metadata::{DESK_HEADER, SITE_HEADER};
 use crate::proto::metadata::AGENT_HEADER;
+pub use crate::proto::metadata::{DESK_HEADER, SITE_HEADER};
 
 /// The Ingest service.
 #[derive(Clone)]
@@ -90,7 +90,8 @@ impl Ingest for IngestService {
         })?;
         let mut resume = self.agg.resume(reporter);
         if let Some(c) = claim {
-            (resume.agent_slot, resume.site_agents, resume.desk_agents) = (u32::from(c.slot), c.site_agents, c.desk_agents);
+            (resume.agent_slot, resume.site_agents, resume.desk_agents) =
+                (u32::from(c.slot), c.site_agents, c.desk_agents);
         }
         // No span on the stream: even a disabled span is entered on every poll (3.7 % of the
         // server's profile under load). Log lines carry site and desk instead.

@@ -139,7 +139,7 @@ mod tests {
         let i = Installs::new(2);
         let a = i.claim(7, "S7", "aaaa", 1).expect("first");
         assert_eq!((a.slot, a.new, a.site_agents, a.desk_agents), (1, true, 1, 1));
-        assert_eq!(i.claim(7, "S7", "aaaa", 1).expect("again").new, false);
+        assert!(!i.claim(7, "S7", "aaaa", 1).expect("again").new);
         let b = i.claim(7, "S7", "bbbb", 1).expect("second");
         assert_eq!((b.slot, b.new, b.site_agents, b.desk_agents), (2, true, 2, 2));
         assert!(matches!(i.claim(7, "S7", "cccc", 2), Err(Error::ResourceExhausted(_))));

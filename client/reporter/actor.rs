@@ -20,8 +20,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming, transport::Channel};
 
 use super::{
-    BadgeOutcome, Command, ReporterConfig, ReporterError, ReporterStatus, session_label,
+    BadgeOutcome, Command, ReporterConfig, ReporterError, ReporterStatus,
     backoff::Backoff,
+    session_label,
     state::{LocalState, ScheduledSession, StateStore},
 };
 use crate::proto::metadata::{AGENT_HEADER, DESK_HEADER, SITE_HEADER};
@@ -66,7 +67,9 @@ fn advice(config: &ReporterConfig, status: &Status) -> String {
         Code::PermissionDenied => {
             format!("the token does not allow reporting for site {site} ({msg}): check --site and --token")
         }
-        Code::NotFound => format!("the aggregator does not know site {site} desk {desk} ({msg}): check --site and --desk"),
+        Code::NotFound => {
+            format!("the aggregator does not know site {site} desk {desk} ({msg}): check --site and --desk")
+        }
         _ => format!(
             "the aggregator refused this agent's settings ({msg}): check --site, --desk and the state file's install_id"
         ),
@@ -152,15 +155,20 @@ impl Actor {
                         Ok((conn, resume)) => {
                             self.backoff.reset();
                             self.conn = Some(conn);
-                            if let Err(e) = self.on_resume(resume).await {
-                                tracing::error!(
-                                    site = %self.config.site, desk = self.config.desk,
-                                    error = %e, "cannot reconcile with the aggregator; state unchanged, retrying"
-                                );
-                                self.set_error(e.to_string());
-                                self.conn = None;
-                            } else {
-                                self.status.send_modify(|s| { s.connected = true; s.connects += 1; });
+                            match self.on_resume(resume).await {
+                                Ok(()) => self.status.send_modify(|s| { s.connected = true; s.connects += 1; }),
+                                Err(e @ ReporterError::SeqExhausted(_)) => {
+                                    self.conn = None;
+                                    self.set_fatal(format!("{e}; ask the aggregator's operator"));
+                                }
+                                Err(e) => {
+                                    tracing::error!(
+                                        site = %self.config.site, desk = self.config.desk,
+                                        error = %e, "cannot reconcile with the aggregator; state unchanged, retrying"
+                                    );
+                                    self.set_error(e.to_string());
+                                    self.conn = None;
+                                }
                             }
                         }
                         Err(status) if permanent(status.code()) => {

@@ -322,6 +322,12 @@ impl Reporter {
         }
     }
 
+    /// Stops the reporter at once, as if its process died: nothing more is sent or saved (what
+    /// was saved stays saved). For fault injection in tests and simulations.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
     /// Stops the reporter (state is already persisted) and waits for its task.
     pub async fn shutdown(self) {
         drop(self.commands);

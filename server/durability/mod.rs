@@ -210,6 +210,11 @@ fn snapshot(agg: &Aggregator, journal: &mut Journal) -> Result<PathBuf, store::S
         .map(|(k, r)| Record::Register { key: k.packed(), seq: r.seq, count: r.count })
         .chain(corrections.into_iter().map(Record::Correction))
         .chain(curve.into_iter().map(|c| Record::Curve { unix_ms: c.unix_ms, counts: c.counts.into_vec() }))
-        .chain(s.installs.all().into_iter().map(|(site, i)| Record::Install { site, slot: i.slot, desk: i.desk, id: i.id }));
+        .chain(s.installs.all().into_iter().map(|(site, i)| Record::Install {
+            site,
+            slot: i.slot,
+            desk: i.desk,
+            id: i.id,
+        }));
     write_snapshot(&d.config.dir, journal.generation(), d.fingerprint, records)
 }

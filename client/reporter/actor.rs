@@ -325,7 +325,7 @@ impl Actor {
     /// then answers them all. Returns true if a reconnect was asked for.
     async fn handle_commands(&mut self, first: Command) -> bool {
         let mut next = self.state.clone();
-        let mut replies: Vec<Box<dyn FnOnce(Option<String>) + Send>> = Vec::new();
+        let mut replies: Vec<Box<dyn FnOnce(Option<Failure>) + Send>> = Vec::new();
         let mut reconnect = false;
         let mut cmd = Some(first);
         let max = self.config.max_count;
@@ -341,7 +341,8 @@ impl Actor {
                             drop(reply.send(Err(ReporterError::OutOfRange { session, count, max })));
                         } else {
                             reg.count = count;
-                            replies.push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(store_err(e)))))));
+                            replies
+                                .push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(e.into_error()))))));
                         }
                     }
                 }
@@ -351,14 +352,16 @@ impl Actor {
                         let reg = next.sessions.entry(session).or_default();
                         if reg.badges.contains(&badge) {
                             let out = BadgeOutcome { counted: false, count: reg.count };
-                            replies.push(Box::new(move |e| drop(reply.send(e.map_or(Ok(out), |e| Err(store_err(e)))))));
+                            replies
+                                .push(Box::new(move |e| drop(reply.send(e.map_or(Ok(out), |e| Err(e.into_error()))))));
                         } else if reg.count >= max {
                             drop(reply.send(Err(ReporterError::OutOfRange { session, count: reg.count + 1, max })));
                         } else {
                             reg.badges.insert(badge);
                             reg.count += 1;
                             let out = BadgeOutcome { counted: true, count: reg.count };
-                            replies.push(Box::new(move |e| drop(reply.send(e.map_or(Ok(out), |e| Err(store_err(e)))))));
+                            replies
+                                .push(Box::new(move |e| drop(reply.send(e.map_or(Ok(out), |e| Err(e.into_error()))))));
                         }
                     }
                 },
@@ -371,7 +374,7 @@ impl Actor {
                         reg.count = count;
                         reg.reason = Some(reason);
                         reg.absolute |= !anchored;
-                        replies.push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(store_err(e)))))));
+                        replies.push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(e.into_error()))))));
                     }
                 }
                 Command::Reconnect => reconnect = true,
@@ -381,14 +384,14 @@ impl Actor {
             }
         }
         // One seq per changed session per group commit.
-        let mut failure: Option<String> = None;
+        let mut failure: Option<Failure> = None;
         for (session, reg) in &mut next.sessions {
             let changed =
                 self.state.sessions.get(session).is_none_or(|b| b.count != reg.count || b.reason != reg.reason);
             if changed {
                 match bump(*session, reg.seq) {
                     Ok(s) => reg.seq = s,
-                    Err(e) => failure = Some(e.to_string()),
+                    Err(_) => failure = Some(Failure::Seq(*session)),
                 }
             }
         }
@@ -398,7 +401,7 @@ impl Actor {
                     site = %self.config.site, desk = self.config.desk,
                     error = %e, "check-ins not recorded: state could not be saved"
                 );
-                failure = Some(e.to_string());
+                failure = Some(Failure::Store(e.to_string()));
             } else {
                 self.publish_local();
             }
@@ -636,6 +639,23 @@ impl Actor {
     }
 }
 
-fn store_err(message: String) -> ReporterError {
-    ReporterError::Store(super::state::StoreError::Io { path: "state".into(), source: std::io::Error::other(message) })
+/// Why a group commit recorded nothing (told to every command of the group).
+#[derive(Debug, Clone)]
+enum Failure {
+    /// A session's seq is exhausted.
+    Seq(u32),
+    /// The save failed.
+    Store(String),
+}
+
+impl Failure {
+    fn into_error(self) -> ReporterError {
+        match self {
+            Failure::Seq(session) => ReporterError::SeqExhausted(session),
+            Failure::Store(message) => ReporterError::Store(super::state::StoreError::Io {
+                path: "state".into(),
+                source: std::io::Error::other(message),
+            }),
+        }
+    }
 }

@@ -10,3 +10,4 @@ pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
 pub mod dashboard;
 pub mod simulate;
 pub mod site;
+pub mod watch;

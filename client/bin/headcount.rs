@@ -257,18 +257,17 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Watch(args) => {
             let r = args.read;
             let channel = lazy_channel(&r.server)?;
-            dashboard::watch(
-                channel,
-                &r.token,
-                parse_scope(&r.scope)?,
-                r.session,
-                args.children,
-                r.json,
-                args.count,
-                args.duration,
-                &mut stdout,
-            )
-            .await?;
+            let opts = headcount::client::watch::WatchOptions {
+                scope: parse_scope(&r.scope)?,
+                session: r.session,
+                include_children: args.children,
+                json: r.json,
+                max_updates: args.count,
+                duration: args.duration,
+                redraw: std::io::IsTerminal::is_terminal(&std::io::stdout()) && !r.json,
+                backoff: headcount::client::reporter::backoff::BackoffConfig::default(),
+            };
+            headcount::client::watch::run(channel, &r.token, &opts, &mut stdout, &mut std::io::stderr()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {

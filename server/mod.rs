@@ -11,6 +11,7 @@ pub mod config;
 pub mod curve;
 pub mod durability;
 pub mod error;
+pub mod http;
 pub mod ingest;
 pub mod liveness;
 pub mod query;

@@ -127,6 +127,7 @@ async fn publish(
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last: Option<(ScopeTotals, Vec<ScopeTotals>)> = None;
+    metrics::gauge!("headcount_watchers").increment(1.0);
     let mut sequence = 0;
     loop {
         tokio::select! {
@@ -147,4 +148,5 @@ async fn publish(
         last = Some((totals, kids));
         sequence += 1;
     }
+    metrics::gauge!("headcount_watchers").decrement(1.0);
 }

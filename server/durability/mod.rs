@@ -154,6 +154,7 @@ fn run(agg: Aggregator, mut journal: Journal) {
     let Some(d) = agg.shared().durability.as_ref() else { return };
     let mut buf = Vec::with_capacity(1 << 20);
     let mut last_snapshot = Instant::now();
+    let mut window = Instant::now();
     loop {
         let stopping = d.stop.load(SeqCst);
         if !stopping {
@@ -161,8 +162,10 @@ fn run(agg: Aggregator, mut journal: Journal) {
         }
         let n = d.started.fetch_add(1, SeqCst) + 1;
         let dirty = agg.shared().registers.take_dirty();
+        let opened = std::mem::replace(&mut window, Instant::now());
         let extra = std::mem::take(&mut *d.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         if !dirty.is_empty() || !extra.is_empty() {
+            let commit = Instant::now();
             buf.clear();
             for (key, reg) in &dirty {
                 Record::Register { key: key.packed(), seq: reg.seq, count: reg.count }.encode(&mut buf);
@@ -180,6 +183,8 @@ fn run(agg: Aggregator, mut journal: Journal) {
                 }
                 thread::sleep(Duration::from_millis(100));
             }
+            metrics::histogram!("headcount_journal_commit_seconds").record(commit.elapsed());
+            metrics::histogram!("headcount_ack_wait_seconds").record(opened.elapsed());
         }
         for tx in d.durable.iter() {
             tx.send_replace(n);

@@ -143,12 +143,8 @@ impl Publisher {
                 () = shutdown.cancelled() => break,
             }
             for (t, tx) in live.inner.topics.iter().enumerate() {
-                // Nobody watches: nothing to compute. A new viewer gets the last frame at once
-                // and a fresh one on the next tick.
-                if tx.receiver_count() == 0 {
-                    self.last[t].clear();
-                    continue;
-                }
+                // Kept fresh even without viewers (a few dozen reads per tick, a serialisation
+                // only on change): a new viewer's first frame is the current snapshot.
                 if self.numbers(t) == self.last[t] && last_sent[t].elapsed() < KEEPALIVE {
                     continue;
                 }

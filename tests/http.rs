@@ -397,7 +397,7 @@ async fn live_feed_sends_a_snapshot_then_updates_serialised_once_for_every_viewe
     let want = reader.totals(national(), Some(1)).await.count;
     let want_p = reader.totals(province(&ts.registry.provinces[site.province as usize].code), Some(1)).await.count;
     for (r, buf) in &mut viewers {
-        let f = next_frame(r, buf, |f| f["national"]["count"] == Value::from(want)).await;
+        let f = next_frame(r, buf, |f| f["national"]["count"] == want).await;
         assert_eq!(f["provinces"][site.province as usize][0], Value::from(want_p), "the province's count");
     }
     let frames = metric(&scrape(base.clone()).await, "headcount_sse_frames_total", &[]) - frames_before;

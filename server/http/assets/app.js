@@ -251,12 +251,13 @@ function drawCurve(points) {
   const Y = (v) => H - pad - (v / ymax) * (H - 2 * pad);
   const line = points.map((p) => X(p.unix_ms).toFixed(1) + "," + Y(p.count).toFixed(1)).join(" ");
   const dmax = Math.max(1, ...points.map((p) => p.delta));
-  const bw = Math.max(1, (W - 2 * pad) / points.length - 1);
+  const bw = Math.min(24, Math.max(1, (W - 2 * pad) / points.length - 1));
   const bars = points.map((p) => {
     const h = (Math.max(0, p.delta) / dmax) * (H - 2 * pad) * 0.4;
     return `<rect x="${(X(p.unix_ms) - bw / 2).toFixed(1)}" y="${(H - pad - h).toFixed(1)}" width="${bw.toFixed(1)}" height="${h.toFixed(1)}" fill="#3b5b7a"/>`;
   }).join("");
-  svg.innerHTML = bars + `<polyline points="${line}" fill="none" stroke="#f2c14e" stroke-width="2.5" vector-effect="non-scaling-stroke"/>`;
+  const dot = points.length === 1 ? `<circle cx="${X(x0).toFixed(1)}" cy="${Y(points[0].count).toFixed(1)}" r="4" fill="#f2c14e"/>` : "";
+  svg.innerHTML = bars + dot + `<polyline points="${line}" fill="none" stroke="#f2c14e" stroke-width="2.5" vector-effect="non-scaling-stroke"/>`;
   text($("#curve-start"), clock(x0));
   text($("#curve-max"), num(ymax));
   text($("#curve-end"), clock(points[points.length - 1].unix_ms));

@@ -7,5 +7,6 @@ pub mod reporter;
 
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
 pub mod dashboard;
+pub mod queries;
 pub mod simulate;
 pub mod site;

@@ -278,6 +278,15 @@ async fn the_page_in_chromium_shows_get_totals_live_across_a_restart_and_drills_
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
     std::fs::create_dir_all(&dir).expect("create target/artifacts");
     std::fs::write(dir.join("dashboard.png"), png).expect("write the screenshot");
+
+    // The English switch, and the big-number mode for a projector.
+    c.find(Locator::Css("#lang")).await.expect("language switch").click().await.expect("click");
+    let text = c.find(Locator::Css("body")).await.expect("body").text().await.expect("page text");
+    assert!(text.contains("Checked in") && text.contains("Sites reporting"), "English labels");
+    c.find(Locator::Css("#bigmode")).await.expect("big-number switch").click().await.expect("click");
+    let table_shown = c.execute("return document.querySelector('#table').offsetParent !== null;", vec![]).await;
+    assert_eq!(table_shown.ok(), Some(json!(false)), "big-number mode shows only the figures");
+    std::fs::write(dir.join("dashboard-big.png"), c.screenshot().await.expect("a screenshot")).expect("write");
     c.close().await.expect("close the browser");
     server.stop().await.expect("clean stop");
 }

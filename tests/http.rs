@@ -435,13 +435,17 @@ async fn metrics_follow_the_reports_sent() {
     let base = start_http(&ts, false);
     let token = ts.read_token();
     let scrape = || async { get(&format!("{base}/metrics"), Some(&token)).await };
+    // Recorded before the first scrape: the recorder is installed with the HTTP side.
+    let ch = ts.channel().await;
+    let id = ts.registry.sites[5].id.clone();
+    let refused = open_stream(ch.clone(), Some("hc1.site.x.00"), Some(&id), Some("1")).await;
+    assert!(refused.is_err());
     let (status, before) = scrape().await;
     assert_eq!(status, StatusCode::OK);
+    assert!(metric(&before, "headcount_handshakes_refused_total", &[("code", "Unauthenticated")]) >= 1.0);
     assert_eq!(metric(&before, "headcount_reports_applied_total", &[]), 0.0);
     assert_eq!(metric(&before, "headcount_sites_total", &[]), ts.registry.sites.len() as f64);
 
-    let ch = ts.channel().await;
-    let id = ts.registry.sites[5].id.clone();
     let mut st = ts.open(&ch, &id, 1).await;
     let rejected_before = metric(&before, "headcount_report_rejections_total", &[("code", "NotFound")]);
     let ack = st.send_batch(vec![report(1, 1, 10), report(2, 1, 4), report(1, 1, 10), report(9, 1, 1)]).await;

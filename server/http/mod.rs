@@ -56,6 +56,8 @@ pub struct HttpState {
 /// The whole HTTP application. Call from inside a tokio runtime: it starts the live publisher
 /// (one task, ends with the aggregator).
 pub fn router(agg: Aggregator, auth: Auth, config: HttpConfig) -> Router {
+    // Before anything is recorded: the `metrics` macros are no-ops until a recorder exists.
+    metrics::install();
     let live = live::Live::start(&agg);
     let state = HttpState { agg, auth, config: Arc::new(config), live };
     Router::new()

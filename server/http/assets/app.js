@@ -121,7 +121,6 @@ function renderTable() {
     const tr = document.createElement("tr");
     tr.dataset.id = r.id;
     tr.dataset.kind = r.kind;
-    if (leaf) tr.className = "leaf";
     const cells = [r.name, num(r.count), num(r.registered), pct(r.turnout_pct),
       num(r.sites_reporting) + " / " + num(r.sites_total), num(r.sites_silent)];
     cells.forEach((c, i) => {
@@ -131,7 +130,8 @@ function renderTable() {
       td.dataset.col = ["name", "count", "registered", "turnout", "sites", "silent"][i];
       tr.appendChild(td);
     });
-    if (!leaf) tr.addEventListener("click", () => drill(r));
+    if (leaf || !S.meta || S.meta.access !== "token") tr.className = "leaf";
+    else tr.addEventListener("click", () => drill(r));
     tbody.appendChild(tr);
   }
   document.querySelectorAll("#table th").forEach((th) => {
@@ -320,4 +320,5 @@ async function start() {
   connect();
 }
 
-start().catch((e) => { console.error(e); setStatus("reconnecting"); });
+// The aggregator may be down when the page opens: show it, and try again.
+start().catch((e) => { console.error(e); setStatus("reconnecting"); setTimeout(() => location.reload(), 3000); });

@@ -76,3 +76,30 @@ async fn totals_silent_curve_and_corrections_commands_print_what_the_aggregator_
     let text = headcount(&ts, &["corrections"]).await;
     assert!(text.contains(&ids[0]) && text.contains("Quét trùng"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_logs_are_json_lines_or_plain_text_and_a_fatal_error_is_printed_once() {
+    for (format, json) in [("json", true), ("text", false)] {
+        let out = within(
+            "headcount-server with a short secret",
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_headcount-server"))
+                .args(["--log-format", format, "--in-memory", "--listen", "127.0.0.1:0"])
+                .env("HEADCOUNT_AUTH_SECRET", "short")
+                .env_remove("RUST_LOG")
+                .output(),
+        )
+        .await
+        .expect("run headcount-server");
+        assert!(!out.status.success(), "a 5-byte secret refuses the start");
+        let stderr = String::from_utf8(out.stderr).expect("UTF-8 logs");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("at least 16 bytes")).collect();
+        assert_eq!(lines.len(), 1, "the fatal error once:\n{stderr}");
+        assert!(!stderr.contains('\u{1b}'), "no ANSI colours when stderr is not a terminal:\n{stderr}");
+        if json {
+            for line in stderr.lines() {
+                let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@ pub mod reporter;
 
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
 pub mod dashboard;
+pub mod queries;
 pub mod simulate;
 pub mod site;
 pub mod watch;

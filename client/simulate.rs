@@ -27,6 +27,7 @@ use crate::{
     server::{
         Aggregator, AggregatorConfig, Auth, RunningServer, Transport,
         durability::DurabilityConfig,
+        http,
         registry::{
             Registry,
             generate::{GenerateOptions, generate},
@@ -79,6 +80,15 @@ pub struct SimulateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Serve the live dashboard (page, JSON API, exports, /metrics) here while the simulation runs.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http_listen: std::net::SocketAddr,
+    /// No dashboard.
+    #[arg(long)]
+    pub no_http: bool,
+    /// After the verdict, keep the aggregator and its dashboard up until Ctrl-C.
+    #[arg(long)]
+    pub serve_after: bool,
 }
 
 impl Default for SimulateArgs {
@@ -98,6 +108,9 @@ impl Default for SimulateArgs {
             in_memory: false,
             json: false,
             quiet: true,
+            http_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            no_http: false,
+            serve_after: false,
         }
     }
 }
@@ -261,6 +274,13 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     )
     .await?;
     let url = server.url();
+    if !args.no_http {
+        let l = std::net::TcpListener::bind(args.http_listen)?;
+        let (addr, _) = http::spawn(l, server.aggregator.clone(), auth.clone(), http::HttpConfig::default())?;
+        if !args.quiet || args.serve_after {
+            eprintln!("Dashboard: http://{addr}/login?token={}", auth.read_token("simulation"));
+        }
+    }
 
     // Connections: shared by `sites_per_connection` sites, or one per site.
     let per_conn = if args.connection_per_site { 1 } else { args.sites_per_connection } as usize;
@@ -355,6 +375,11 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         if let Ok(r) = Arc::try_unwrap(r) {
             r.shutdown().await;
         }
+    }
+    if args.serve_after {
+        let verdict = if mismatches.is_empty() { "exact" } else { "MISMATCH" };
+        eprintln!("Verdict: {verdict}. The dashboard stays up; Ctrl-C stops it.");
+        let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!(elapsed = ?start.elapsed(), "stopping");
     let _ = server.stop().await;

@@ -115,6 +115,17 @@ pub struct ServerArgs {
     /// On SIGINT/SIGTERM, how long streams get to finish before the process exits anyway.
     #[arg(long, env = "HEADCOUNT_GRACE", default_value = "10s", value_parser = duration)]
     pub grace: Duration,
+    /// Serve the live dashboard page, the JSON API, CSV exports and `/metrics` over HTTP on this
+    /// address (from its own thread and runtime, like --read-listen).
+    #[arg(long, env = "HEADCOUNT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Lobby screen: national and province figures readable over HTTP without a token
+    /// (communes, sites, silent sites, corrections, exports and metrics still need one).
+    #[arg(long, env = "HEADCOUNT_HTTP_PUBLIC")]
+    pub http_public: bool,
+    /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "HEADCOUNT_LOG_FORMAT", value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Why the aggregator cannot start with these settings.
@@ -176,6 +187,11 @@ impl ServerArgs {
             grace: self.grace,
             max_concurrent_handshakes: self.max_concurrent_handshakes,
         }
+    }
+
+    /// The HTTP side's settings.
+    pub fn http(&self) -> super::http::HttpConfig {
+        super::http::HttpConfig { public: self.http_public, time_zone: self.time_zone.clone() }
     }
 
     /// The journal settings, or None with `--in-memory`.

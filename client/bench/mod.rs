@@ -7,6 +7,7 @@
 //! large journal).
 
 pub mod process;
+pub mod sse;
 
 use std::{
     path::PathBuf,
@@ -60,6 +61,8 @@ pub enum Mode {
     Storm,
     /// Start-up time from a snapshot plus a journal of `--records` records.
     Recovery,
+    /// Saturate load without, then with, `--viewers` live-page (SSE) viewers.
+    Sse,
 }
 
 /// Flags of `headcount bench`.
@@ -114,6 +117,9 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Concurrent Server-Sent Events viewers (sse).
+    #[arg(long, default_value_t = 10_035)]
+    pub viewers: u32,
 }
 
 /// The shape of paced load: Poisson arrivals per stream, their rate following a sine wave with
@@ -228,6 +234,9 @@ pub struct BenchReport {
     pub startup_seconds: f64,
     /// Journal group commits per second during the load.
     pub journal_flushes_per_second: f64,
+    /// The SSE fan-out figures (sse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sse: Option<sse::SseReport>,
 }
 
 /// Why the benchmark failed.
@@ -292,6 +301,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         Mode::Idle => idle(&ctx, args, &mut report).await?,
         Mode::Storm => storm(&ctx, args, &mut report).await?,
         Mode::Recovery => recovery(&ctx, args, &mut report)?,
+        Mode::Sse => report.sse = Some(sse::run(&ctx, args, args.viewers).await?),
     }
     Ok(report)
 }
@@ -812,6 +822,9 @@ fn recovery(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(),
 
 /// Prints a report for people.
 pub fn print(r: &BenchReport, out: &mut impl std::io::Write) {
+    if let Some(sse) = &r.sse {
+        return sse::print(sse, out);
+    }
     let _ = writeln!(
         out,
         "mode {} | streams {} over {} connections | journal {} | server threads {}",

@@ -199,6 +199,7 @@ fn run(mut f: Flusher) {
     let mut last_snapshot = Instant::now();
     let mut after_snapshot = false;
     let mut failures = 0u32;
+    let mut window = Instant::now();
     loop {
         let stopping = d.stop.load(SeqCst);
         if !stopping {
@@ -211,7 +212,9 @@ fn run(mut f: Flusher) {
         let n = d.started.fetch_add(1, SeqCst) + 1;
         registers.extend(f.source.take_dirty());
         extra.append(&mut d.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let opened = std::mem::replace(&mut window, Instant::now());
         if !registers.is_empty() || !extra.is_empty() {
+            let commit_started = Instant::now();
             buf.clear();
             for (key, reg) in &registers {
                 f.source.register_record(*key, *reg).encode(&mut buf);
@@ -238,6 +241,8 @@ fn run(mut f: Flusher) {
             if after_snapshot {
                 crash_point("commit-after-snapshot");
             }
+            metrics::histogram!("headcount_journal_commit_seconds").record(commit_started.elapsed());
+            metrics::histogram!("headcount_ack_wait_seconds").record(opened.elapsed());
         }
         for tx in d.durable.iter() {
             tx.send_replace(n);

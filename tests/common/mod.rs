@@ -684,3 +684,15 @@ impl Drop for Proxy {
         }
     }
 }
+
+// ───────────────────────────── HTTP side ─────────────────────────────
+
+/// Starts the HTTP side of `ts`'s aggregator on `127.0.0.1:<ephemeral>`; returns `http://addr`.
+pub fn start_http(ts: &TestServer, public: bool) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral HTTP port on 127.0.0.1");
+    let config = headcount::server::http::HttpConfig { public, ..Default::default() };
+    let (addr, _thread) =
+        headcount::server::http::spawn(listener, ts.server.aggregator.clone(), ts.auth.clone(), config)
+            .expect("start the HTTP thread");
+    format!("http://{addr}")
+}

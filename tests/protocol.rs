@@ -151,10 +151,61 @@ fn batch_bytes(seq: u64) -> Vec<u8> {
 /// every batch is applied and acknowledged, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reporter_that_never_reads_gets_at_most_64_batches_applied() {
+    never_reading_reporter(&start_small().await).await;
+}
+
+/// The same with a journal: acks also wait for their commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reporter_that_never_reads_gets_at_most_64_batches_applied_with_a_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ts = start_journaled(dir.path()).await;
+    never_reading_reporter(&ts).await;
+}
+
+/// An aggregator journaling to `dir`, on an ephemeral port.
+async fn start_journaled(dir: &Path) -> TestServer {
+    let registry = small_registry();
+    let durability = headcount::server::durability::DurabilityConfig::new(dir);
+    let (agg, _) = headcount::server::Aggregator::open(registry.clone(), test_config(), durability)
+        .expect("open the data directory");
+    let auth = headcount::server::Auth::new(SECRET).expect("secret");
+    let transport = Transport { grace: std::time::Duration::from_millis(500), ..Transport::default() };
+    let server =
+        headcount::server::RunningServer::start("127.0.0.1:0".parse().expect("address"), agg, auth.clone(), transport)
+            .await
+            .expect("bind 127.0.0.1");
+    TestServer { server, auth, registry }
+}
+
+/// A stream that ends on garbage first acknowledges what it applied (durably), then says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ending_on_garbage_acks_its_applied_batches_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ts = start_journaled(dir.path()).await;
+    let (_, sid) = ts.site_with_desks(1, 3);
+    let token = format!("Bearer {}", ts.site_token(&sid));
+    let conn = RawConn::connect(ts.addr(), 1 << 20, 1 << 22).await;
+    let headers: [(&str, &[u8]); 2] = [("authorization", token.as_bytes()), ("x-headcount-site", sid.as_bytes())];
+    let mut call = conn.call("/headcount.v1.Ingest/Report", &headers).await;
+    let body: Vec<u8> = (1..=5).flat_map(|seq| frame(&batch_bytes(seq))).chain(frame(&[0x0a, 0x05, 0x01])).collect();
+    call.send(body.into(), false);
+    let out = call.finish().await;
+    assert_eq!(out.code, Code::InvalidArgument, "{}", out.message);
+    let acked: Vec<u64> = out.messages[1..]
+        .iter()
+        .map(|m| match ReportResponse::decode(m.clone()).expect("response").kind {
+            Some(report_response::Kind::Ack(a)) => a.applied.first().map_or(0, |r| r.seq),
+            other => panic!("expected an ack, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(acked, [1, 2, 3, 4, 5], "every applied batch acknowledged before the status");
+    assert_eq!(ts.reader().await.count(site(&sid), Some(1)).await, 5);
+}
+
+async fn never_reading_reporter(ts: &TestServer) {
     const SENT: u64 = 3_000; // ~50 KB: more than the aggregator's 32 KiB window
     let bound = (MAX_PENDING_ACKS + 2 * ACKS_PER_WRITE) as u64;
     assert_eq!(bound, 64, "the README's figure");
-    let ts = start_small().await;
     let agg = ts.server.aggregator.clone();
     let (_, sid) = ts.site_with_desks(1, 0);
     let token = format!("Bearer {}", ts.site_token(&sid));

@@ -185,3 +185,28 @@ async fn only_a_lower_count_is_recorded_as_a_correction() {
     );
     assert_eq!(reader.count(site(&sid), Some(1)).await, 9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_curve_stays_live_when_the_wall_clock_steps_back() {
+    use headcount::proto::v1::{CurveRequest, totals_client::TotalsClient};
+    let (ts, time) = start_manual().await;
+    let reader = ts.reader().await;
+    let ch = ts.channel().await;
+    let (_, sid) = ts.site_with_desks(1, 4);
+    let mut st = ts.open(&ch, &sid, 1).await;
+    st.send_batch(vec![report(1, 1, 3)]).await;
+    ts.server.aggregator.sweep_now();
+    time.advance(test_config().curve_bucket.as_millis() as i64);
+    ts.server.aggregator.sweep_now();
+    time.step_wall(-HOUR_MS);
+    st.send_batch(vec![report(1, 2, 8)]).await;
+    ts.server.aggregator.sweep_now();
+    let mut client = TotalsClient::new(ch.clone());
+    let curve = within("Curve", client.curve(reader.req(CurveRequest { scope: Some(national()), session: Some(1) })))
+        .await
+        .expect("curve")
+        .into_inner();
+    let labels: Vec<i64> = curve.points.iter().map(|p| p.unix_ms).collect();
+    assert!(labels.windows(2).all(|w| w[0] < w[1]), "labels in order: {labels:?}");
+    assert_eq!(curve.points.last().map(|p| p.count), Some(8), "the last point is live: {:?}", curve.points);
+}

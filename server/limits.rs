@@ -101,15 +101,16 @@ fn span(flag: &'static str, v: Duration, min: Duration, max: Duration, why: &str
     Ok(())
 }
 
-const SEC: Duration = Duration::from_secs(1);
+/// The shortest duration accepted for a period: tests and demos use a few hundred ms.
+const TENTH: Duration = Duration::from_millis(100);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Checks every setting's range and the relations between them. The first problem found is
 /// returned; the message names the flag, the value and the rule.
 pub fn check(s: &Settings) -> Result<(), LimitError> {
-    span("--silent-after", s.silent_after, SEC, DAY, " (site agents heartbeat every 15 s)")?;
-    span("--publish-tick", s.publish_tick, Duration::from_millis(10), Duration::from_secs(60), "")?;
-    span("--curve-bucket", s.curve_bucket, SEC, DAY, "")?;
+    span("--silent-after", s.silent_after, TENTH, DAY, " (site agents heartbeat every 15 s)")?;
+    span("--publish-tick", s.publish_tick, Duration::from_millis(1), Duration::from_secs(60), "")?;
+    span("--curve-bucket", s.curve_bucket, TENTH, DAY, "")?;
     within("--max-count", s.max_count, 1, MAX_COUNT_CEILING, " (per desk and session; totals must fit in 64 bits)")?;
     within("--max-batch", s.max_batch, 1, 65_536, "")?;
     within("--max-reason-bytes", s.max_reason, 0, 4096, "")?;
@@ -122,11 +123,11 @@ pub fn check(s: &Settings) -> Result<(), LimitError> {
         MAX_WINDOW,
         " (at least --stream-window)",
     )?;
-    span("--keepalive-interval", s.keepalive_interval, SEC, Duration::from_secs(2 * 3600), "")?;
-    span("--keepalive-timeout", s.keepalive_timeout, SEC, Duration::from_secs(600), "")?;
+    span("--keepalive-interval", s.keepalive_interval, TENTH, Duration::from_secs(2 * 3600), "")?;
+    span("--keepalive-timeout", s.keepalive_timeout, TENTH, Duration::from_secs(600), "")?;
     span("--flush-interval", s.flush_interval, Duration::from_micros(100), Duration::from_secs(10), "")?;
     within("--flush-records", s.flush_records, 1, 10_000_000, "")?;
-    span("--snapshot-interval", s.snapshot_interval, SEC, DAY, "")?;
+    span("--snapshot-interval", s.snapshot_interval, TENTH, DAY, "")?;
     within("--max-concurrent-handshakes", s.max_concurrent_handshakes, 1, 1_000_000, "")?;
     span("--grace", s.grace, Duration::ZERO, Duration::from_secs(3600), "")?;
     let batch = largest_batch_message(s.max_batch, s.max_reason);

@@ -36,11 +36,11 @@ fn every_setting_is_accepted_at_its_bounds_and_refused_beyond_them() {
     // (flag named in the error, accepted args, refused args)
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<&'a str>);
     let cases: Vec<Case<'_>> = vec![
-        ("--silent-after", vec!["--silent-after", "1s"], vec!["--silent-after", "999ms"]),
+        ("--silent-after", vec!["--silent-after", "100ms"], vec!["--silent-after", "99ms"]),
         ("--silent-after", vec!["--silent-after", "24h"], vec!["--silent-after", "86401s"]),
-        ("--publish-tick", vec!["--publish-tick", "10ms"], vec!["--publish-tick", "9ms"]),
+        ("--publish-tick", vec!["--publish-tick", "1ms"], vec!["--publish-tick", "0s"]),
         ("--publish-tick", vec!["--publish-tick", "60s"], vec!["--publish-tick", "61s"]),
-        ("--curve-bucket", vec!["--curve-bucket", "1s"], vec!["--curve-bucket", "999ms"]),
+        ("--curve-bucket", vec!["--curve-bucket", "100ms"], vec!["--curve-bucket", "99ms"]),
         ("--curve-bucket", vec!["--curve-bucket", "24h"], vec!["--curve-bucket", "86401s"]),
         ("--max-count", vec!["--max-count", "1"], vec!["--max-count", "0"]),
         ("--max-count", vec!["--max-count", "1000000000"], vec!["--max-count", "1000000001"]),
@@ -78,15 +78,15 @@ fn every_setting_is_accepted_at_its_bounds_and_refused_beyond_them() {
         ),
         ("--connection-window", vec!["--connection-window", "32768"], vec!["--connection-window", "32767"]),
         ("--connection-window", vec!["--connection-window", "2147483647"], vec!["--connection-window", "2147483648"]),
-        ("--keepalive-interval", vec!["--keepalive-interval", "1s"], vec!["--keepalive-interval", "999ms"]),
+        ("--keepalive-interval", vec!["--keepalive-interval", "100ms"], vec!["--keepalive-interval", "99ms"]),
         ("--keepalive-interval", vec!["--keepalive-interval", "2h"], vec!["--keepalive-interval", "7201s"]),
-        ("--keepalive-timeout", vec!["--keepalive-timeout", "1s"], vec!["--keepalive-timeout", "0s"]),
+        ("--keepalive-timeout", vec!["--keepalive-timeout", "100ms"], vec!["--keepalive-timeout", "0s"]),
         ("--keepalive-timeout", vec!["--keepalive-timeout", "600s"], vec!["--keepalive-timeout", "601s"]),
         ("--flush-interval", vec!["--flush-interval", "100us"], vec!["--flush-interval", "99us"]),
         ("--flush-interval", vec!["--flush-interval", "10s"], vec!["--flush-interval", "10001ms"]),
         ("--flush-records", vec!["--flush-records", "1"], vec!["--flush-records", "0"]),
         ("--flush-records", vec!["--flush-records", "10000000"], vec!["--flush-records", "10000001"]),
-        ("--snapshot-interval", vec!["--snapshot-interval", "1s"], vec!["--snapshot-interval", "999ms"]),
+        ("--snapshot-interval", vec!["--snapshot-interval", "100ms"], vec!["--snapshot-interval", "99ms"]),
         ("--snapshot-interval", vec!["--snapshot-interval", "24h"], vec!["--snapshot-interval", "86401s"]),
         (
             "--max-concurrent-handshakes",

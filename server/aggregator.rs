@@ -18,14 +18,17 @@ use super::{
     audit::Audit,
     clock::Clock,
     curve::Curve,
-    durability::{self, Durability, DurabilityConfig, record::Record, store},
+    durability::{
+        self, Durability,
+        record::{CurveRecord, Record},
+    },
     error::Error,
     liveness::Liveness,
     registers::{Outcome, Register, RegisterKey, Registers},
     registry::Registry,
     tally::Tallies,
 };
-use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch, Resume, SessionInfo};
+use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch, Resume};
 
 /// Tunables of the aggregator's model (transport limits live in the server config).
 #[derive(Debug, Clone)]
@@ -148,33 +151,7 @@ pub struct Shared {
     /// Cancelled when the aggregator shuts down; streams and watchers end with it.
     pub shutdown: CancellationToken,
     /// The journal, unless running in memory only.
-    pub durability: Option<Durability>,
-}
-
-/// What `Aggregator::open` restored.
-#[derive(Debug, Clone, Default)]
-pub struct RecoveryReport {
-    /// Registers restored.
-    pub registers: usize,
-    /// Journal records replayed.
-    pub journal_records: u64,
-    /// Bytes cut from torn journal tails.
-    pub bytes_dropped: u64,
-    /// Snapshot loaded.
-    pub snapshot: Option<std::path::PathBuf>,
-    /// Records skipped because they do not fit the registry.
-    pub skipped: u64,
-}
-
-/// Why a durable aggregator cannot open.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The data directory is unusable.
-    #[error(transparent)]
-    Store(#[from] store::StoreError),
-    /// The flusher thread cannot start.
-    #[error("cannot start the journal flusher: {0}")]
-    Thread(#[from] std::io::Error),
+    pub durability: Option<Arc<Durability>>,
 }
 
 /// Handle to the aggregator.
@@ -194,66 +171,19 @@ impl Aggregator {
         Self::build(registry, config, None)
     }
 
-    /// An aggregator backed by a data directory: recovers the snapshot and journal tail, then
-    /// journals every change and acknowledges only durable state.
-    pub fn open(
-        registry: Registry,
-        config: AggregatorConfig,
-        durability: DurabilityConfig,
-    ) -> Result<(Self, RecoveryReport), OpenError> {
-        let fingerprint = durability::fingerprint(&registry);
-        let started = std::time::Instant::now();
-        let recovered = store::recover(&durability.dir, fingerprint)?;
-        let journal = store::Journal::create(&durability.dir, recovered.next_generation, fingerprint)?;
-        let agg = Self::build(registry, config, Some(Durability::new(durability, fingerprint)));
-        let mut report = RecoveryReport {
-            journal_records: recovered.journal_records,
-            bytes_dropped: recovered.bytes_dropped,
-            snapshot: recovered.snapshot.clone(),
-            ..RecoveryReport::default()
-        };
-        let s = &agg.shared;
-        let now = s.config.clock.mono_ms();
-        for (packed, reg) in recovered.registers {
-            let key = RegisterKey::unpack(packed);
-            let fits = (key.site as usize) < s.registry.sites.len()
-                && (key.session as usize) < s.registry.sessions.len()
-                && key.desk >= 1
-                && key.desk <= s.registry.sites[key.site as usize].desks;
-            if !fits {
-                report.skipped += 1;
-                continue;
-            }
-            if let Some(previous) = s.registers.restore(key, reg) {
-                s.tallies.add(key.site, key.session as usize, reg.count - previous.count, now);
-                report.registers += 1;
-            }
-        }
-        for c in recovered.corrections {
-            s.audit.restore(c);
-        }
-        for sample in recovered.curve {
-            s.curve.push(sample);
-        }
-        durability::start(&agg, journal)?;
-        tracing::info!(
-            registers = report.registers, journal_records = report.journal_records,
-            bytes_dropped = report.bytes_dropped, elapsed = ?started.elapsed(), "state recovered"
-        );
-        Ok((agg, report))
-    }
-
     /// Flushes, writes a final snapshot and stops the journal (blocking; no-op in memory).
     pub fn close(&self) {
-        durability::close(self);
+        if let Some(d) = &self.shared.durability {
+            durability::close(d);
+        }
     }
 
     /// The flush number after which everything applied so far is durable (None: in memory).
     pub fn durable_target(&self) -> Option<u64> {
-        self.shared.durability.as_ref().map(Durability::target)
+        self.shared.durability.as_ref().map(|d| d.target())
     }
 
-    fn build(registry: Registry, config: AggregatorConfig, durability: Option<Durability>) -> Self {
+    pub(crate) fn build(registry: Registry, config: AggregatorConfig, durability: Option<Arc<Durability>>) -> Self {
         let tallies = Tallies::new(&registry);
         let liveness = Liveness::new(registry.sites.len(), config.silent_after.as_millis() as i64);
         let curve = Curve::new(config.curve_bucket.as_millis() as i64, config.curve_capacity);
@@ -330,13 +260,23 @@ impl Aggregator {
             desk: u32::from(r.desk),
             registers,
             sessions: s.registry.sessions.iter().map(|x| x.id).collect(),
-            schedule: s
-                .registry
-                .sessions
-                .iter()
-                .map(|x| SessionInfo { id: x.id, name: x.name.clone(), ..SessionInfo::default() })
-                .collect(),
+            schedule: s.registry.schedule(),
         }
+    }
+
+    /// The resume handshake showing only durable state: reads the registers, then waits until
+    /// the flush that covers them is on disk. Errors with `Unavailable` when the aggregator
+    /// stops first.
+    pub async fn resume_durable(&self, r: ReporterId) -> Result<Resume, Error> {
+        let resume = self.resume(r);
+        if let Some(d) = &self.shared.durability {
+            let stopped = || Error::Unavailable("aggregator shutting down; reconnect later".into());
+            tokio::select! {
+                done = d.wait_durable(r.site as usize) => done.map_err(|_| stopped())?,
+                () = self.shared.shutdown.cancelled() => return Err(stopped()),
+            }
+        }
+        Ok(resume)
     }
 
     /// A heartbeat: the site is alive.
@@ -392,10 +332,11 @@ impl Aggregator {
                         // Displayed: the wall clock (monotonic time orders nothing here).
                         unix_ms: s.config.clock.wall_ms(),
                     };
+                    // Audit first: a snapshot taken before the push must hold it (see `push`).
+                    s.audit.record(c.clone());
                     if let Some(d) = &s.durability {
-                        d.push(Record::Correction(c.clone()));
+                        d.push(Record::Correction(c));
                     }
-                    s.audit.record(c);
                 }
                 Ok(Applied { register: current, session: session as usize, delta, changed: true })
             }
@@ -526,10 +467,12 @@ impl Aggregator {
         s.liveness.sweep(s.config.clock.mono_ms(), &s.registry, &s.tallies);
         let bucket = s.curve.bucket_start(s.config.clock.wall_ms());
         let sample = Curve::read(&s.tallies, s.registry.provinces.len(), bucket);
-        if let Some(d) = &s.durability {
-            d.push(Record::Curve { unix_ms: sample.unix_ms, counts: sample.counts.to_vec() });
-        }
+        // Curve first: a snapshot taken before the push must hold it (see `push`).
+        let record = s.durability.as_ref().map(|_| Record::Curve(CurveRecord::from_sample(&s.registry, &sample)));
         s.curve.push(sample);
+        if let (Some(d), Some(record)) = (&s.durability, record) {
+            d.push(record);
+        }
     }
 
     /// Asks every stream and watcher to end.

@@ -30,13 +30,21 @@ pub struct ServerArgs {
     /// Write the bound address to this file once listening (useful with `--listen 127.0.0.1:0`).
     #[arg(long, env = "HEADCOUNT_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
-    /// Registry sites file (CSV, see README). Without it, the built-in reference registry.
+    /// Registry sites file (CSV as a spreadsheet saves it, see README "Registry"). Required,
+    /// unless --reference-registry.
     #[arg(long, env = "HEADCOUNT_SITES", requires = "sessions")]
     pub sites: Option<PathBuf>,
-    /// Registry sessions file (CSV, see README).
+    /// Registry sessions file (CSV, see README "Registry").
     #[arg(long, env = "HEADCOUNT_SESSIONS", requires = "sites")]
     pub sessions: Option<PathBuf>,
-    /// Seed of the built-in reference registry (when no --sites is given).
+    /// IANA time zone of the sessions file's times where a row has no `time_zone`.
+    #[arg(long, env = "HEADCOUNT_TIME_ZONE", default_value = registry::sessions::DEFAULT_TIME_ZONE)]
+    pub time_zone: String,
+    /// Serve the built-in reference registry (10,035 synthetic sites, for simulations and tests)
+    /// instead of --sites/--sessions.
+    #[arg(long, env = "HEADCOUNT_REFERENCE_REGISTRY", conflicts_with_all = ["sites", "sessions"])]
+    pub reference_registry: bool,
+    /// Seed of the built-in reference registry (with --reference-registry).
     #[arg(long, env = "HEADCOUNT_SEED", default_value_t = DEFAULT_SEED)]
     pub seed: u64,
     /// Secret that signs site and read tokens (at least 16 bytes). Mint tokens with `headcount token`.
@@ -114,14 +122,27 @@ pub enum ConfigError {
     /// A setting is out of its range or does not fit with another.
     #[error("setting: {0}")]
     Limit(#[from] limits::LimitError),
+    /// Neither registry files nor `--reference-registry` were given.
+    #[error(
+        "no registry: give the event's files with --sites FILE --sessions FILE (see README, \"Registry\"), or \
+         --reference-registry to serve the built-in synthetic 10,035-site registry (simulations and tests only)"
+    )]
+    NoRegistry,
 }
 
 impl ServerArgs {
-    /// Loads the registry the flags point at.
+    /// Loads the registry the flags point at: the files, or the reference registry when asked
+    /// for explicitly; neither is [`ConfigError::NoRegistry`].
     pub fn registry(&self) -> Result<Registry, ConfigError> {
         match (&self.sites, &self.sessions) {
-            (Some(sites), Some(sessions)) => Ok(registry::csv::load(sites, sessions)?),
-            _ => Ok(registry::generate::generate(&GenerateOptions { seed: self.seed, ..GenerateOptions::default() })),
+            (Some(sites), Some(sessions)) => {
+                let options = registry::csv::LoadOptions { time_zone: self.time_zone.clone() };
+                Ok(registry::csv::load_with(sites, sessions, &options)?)
+            }
+            _ if self.reference_registry => {
+                Ok(registry::generate::generate(&GenerateOptions { seed: self.seed, ..GenerateOptions::default() }))
+            }
+            _ => Err(ConfigError::NoRegistry),
         }
     }
 

@@ -74,7 +74,7 @@ impl Ingest for IngestService {
         let reporter = self.identify(request.metadata()).inspect_err(|e| {
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
-        let resume = self.agg.resume(reporter);
+        let resume = self.agg.resume_durable(reporter).await?;
         // No span on the stream: even a disabled span is entered on every poll (3.7 % of the
         // server's profile under load). Log lines carry site and desk instead.
         tracing::debug!(site = %site_id(&self.agg, reporter), desk = reporter.desk, registers = resume.registers.len(), "stream opened");

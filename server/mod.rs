@@ -15,6 +15,7 @@ pub mod error;
 pub mod ingest;
 pub mod limits;
 pub mod liveness;
+pub mod persist;
 pub mod query;
 pub mod registers;
 pub mod registry;

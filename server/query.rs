@@ -156,6 +156,8 @@ impl Aggregator {
                     province: r.provinces[s.province as usize].code.clone(),
                     commune: r.communes[s.commune as usize].id.clone(),
                     last_seen_unix_ms: self.shared().config.clock.to_wall(self.shared().liveness.last_seen(i)),
+                    contact_name: s.contact_name.clone(),
+                    contact_phone: s.contact_phone.clone(),
                 });
             }
         }

@@ -34,8 +34,7 @@ fn shuffled_registry(dir: &Path) -> registry::Registry {
          DN001,Điểm DN001,48,Đà Nẵng,48-001,Phường D,100,1\n",
     )
     .expect("write sites.csv");
-    std::fs::write(&sessions, "session_id,name,starts_at\n1,Day 1 morning,2026-12-01T08:00\n")
-        .expect("write sessions.csv");
+    std::fs::write(&sessions, "session_id,name\n1,Day 1 morning\n").expect("write sessions.csv");
     registry::csv::load(&sites, &sessions).expect("load the shuffled registry")
 }
 

@@ -34,10 +34,9 @@ use crate::{
         Auth,
         durability::{
             self,
-            record::Record,
+            record::{Record, RegisterRecord},
             store::{Journal, write_snapshot},
         },
-        registers::RegisterKey,
         registry::{
             Registry,
             generate::{GenerateOptions, generate},
@@ -775,30 +774,30 @@ async fn storm(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<
 fn recovery(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(), BenchError> {
     let dir: PathBuf = ctx.scratch.path().join("data");
     std::fs::create_dir_all(&dir)?;
-    let fp = durability::fingerprint(&ctx.registry);
     let reg = &ctx.registry;
-    let sessions = reg.sessions.len() as u16;
-    let keys: Vec<RegisterKey> = reg
+    let keys: Vec<(&str, u32, u32)> = reg
         .sites
         .iter()
-        .enumerate()
-        .flat_map(|(i, s)| {
-            (1..=s.desks)
-                .flat_map(move |d| (0..sessions).map(move |k| RegisterKey { site: i as u32, desk: d, session: k }))
+        .flat_map(|s| {
+            (1..=u32::from(s.desks)).flat_map(move |d| reg.sessions.iter().map(move |k| (s.id.as_str(), d, k.id)))
         })
         .collect();
-    write_snapshot(&dir, 1, fp, keys.iter().map(|k| Record::Register { key: k.packed(), seq: 1, count: 10 }))?;
-    let mut journal = Journal::create(&dir, 1, fp)?;
+    let record = |(site, desk, session): (&str, u32, u32), seq: u64, count: i64| {
+        Record::Register(RegisterRecord { site: site.to_owned(), desk, session, seq, count })
+    };
+    let io: std::sync::Arc<dyn durability::fs::Io> = std::sync::Arc::new(durability::fs::RealIo);
+    write_snapshot(&*io, &dir, 1, keys.iter().map(|k| record(*k, 1, 10)))?;
+    let mut journal = Journal::create(io, &dir, 1, 0)?;
     let mut buf = Vec::with_capacity(8 << 20);
     for r in 0..args.records {
         let k = keys[(r % keys.len() as u64) as usize];
-        Record::Register { key: k.packed(), seq: 2 + r, count: 10 + (r % 100) as i64 }.encode(&mut buf);
+        record(k, 2 + r, 10 + (r % 100) as i64).encode(&mut buf);
         if buf.len() >= 8 << 20 {
-            journal.append(&buf)?;
+            journal.commit(&buf)?;
             buf.clear();
         }
     }
-    journal.append(&buf)?;
+    journal.commit(&buf)?;
     drop(journal);
     let mut a = args.clone();
     a.in_memory = false;

@@ -22,6 +22,10 @@ pub const DEFAULT_MAX_REASON: usize = 256;
 /// Largest message, bytes (default of `--max-message-bytes`): 512 KiB, above the 290 KiB a full
 /// batch of 1,024 reports with 256-byte reasons takes.
 pub const DEFAULT_MAX_MESSAGE: usize = 512 * 1024;
+/// Largest Totals request, bytes. Requests are a scope id and a few numbers; tonic reads a unary
+/// request whole before any token is checked, so this, not `--max-message-bytes`, bounds what an
+/// unauthenticated caller can make the aggregator hold per stream.
+pub const MAX_TOTALS_REQUEST: usize = 16 * 1024;
 /// Highest `--max-count` accepted, whatever the registry.
 pub const MAX_COUNT_CEILING: i64 = 1_000_000_000;
 /// A rejection's message is cut to this many bytes (at a character boundary).

@@ -20,7 +20,7 @@ use headcount::{
     },
     server::{
         Aggregator, Auth,
-        limits::largest_ack,
+        limits::{MAX_TOTALS_REQUEST, largest_ack},
         tally::{Level, Node},
     },
 };
@@ -317,6 +317,14 @@ async fn hostile_inputs_get_their_exact_status_and_change_nothing() {
         ("no message", TOTALS, reader(), nothing(), InvalidArgument),
         ("frame cut short", TOTALS, reader(), frame_raw(0, 50, &[0x0a]), InvalidArgument),
         ("over the message limit", TOTALS, reader(), frame(&big), ResourceExhausted),
+        ("a request of exactly 16 KiB", TOTALS, reader(), frame(&totals_of_size(MAX_TOTALS_REQUEST)), NotFound),
+        (
+            "a request of 16 KiB + 1",
+            TOTALS,
+            reader(),
+            frame(&totals_of_size(MAX_TOTALS_REQUEST + 1)),
+            ResourceExhausted,
+        ),
         ("compressed flag without encoding", TOTALS, reader(), frame_raw(1, 0, &[]), InvalidArgument),
         ("national, well formed", TOTALS, reader(), tr(K::National, "", None), Code::Ok),
         (
@@ -383,6 +391,20 @@ async fn hostile_inputs_get_their_exact_status_and_change_nothing() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+/// A GetTotals request of exactly `size` bytes: a province id that fills it.
+fn totals_of_size(size: usize) -> Vec<u8> {
+    let mut len = size - 8;
+    loop {
+        let scope = headcount::proto::v1::Scope { kind: ScopeKind::Province as i32, id: "9".repeat(len) };
+        let msg = enc(&TotalsRequest { scope: Some(scope), session: None });
+        match msg.len().cmp(&size) {
+            std::cmp::Ordering::Equal => return msg,
+            std::cmp::Ordering::Greater => len -= 1,
+            std::cmp::Ordering::Less => len += 1,
+        }
+    }
 }
 
 fn heartbeat_bytes() -> Vec<u8> {

@@ -62,6 +62,10 @@ pub struct ServerArgs {
     /// Hard ceiling on one desk's count for one session (above: OUT_OF_RANGE).
     #[arg(long, env = "HEADCOUNT_MAX_COUNT", default_value_t = 100_000)]
     pub max_count: i64,
+    /// Most site-agent installs (register slots) per site; a further install's stream is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HEADCOUNT_MAX_AGENTS_PER_SITE", default_value_t = 16)]
+    pub max_agents_per_site: u16,
     /// Most concurrent streams on one HTTP/2 connection (tonic's default is unlimited).
     #[arg(long, env = "HEADCOUNT_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
     pub max_streams_per_connection: u32,
@@ -155,6 +159,7 @@ impl ServerArgs {
             max_count: self.max_count,
             max_batch: self.max_batch,
             max_reason: self.max_reason_bytes,
+            max_agents_per_site: self.max_agents_per_site,
             ..AggregatorConfig::default()
         }
     }
@@ -208,9 +213,10 @@ impl ServerArgs {
     }
 
     /// Checks the settings that depend on the registry: `--max-count` times the number of
-    /// registers (Σ desks × sessions) must fit in an `i64`.
+    /// registers (Σ (desks + agent install slots) × sessions) must fit in an `i64`.
     pub fn validate_for(&self, registry: &Registry) -> Result<(), ConfigError> {
-        let desks: u64 = registry.sites.iter().map(|s| u64::from(s.desks)).sum();
+        let agents = u64::from(self.max_agents_per_site);
+        let desks: u64 = registry.sites.iter().map(|s| u64::from(s.desks) + agents).sum();
         Ok(limits::check_registry(self.max_count, desks * registry.sessions.len() as u64)?)
     }
 }

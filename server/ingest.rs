@@ -11,10 +11,12 @@ use super::{
     aggregator::{Aggregator, ReporterId},
     auth::{Auth, Grant},
     error::Error,
+    installs::Claim,
     wire_status::classify,
 };
 use crate::proto::v1::{Ack, ReportRequest, ReportResponse, ingest_server::Ingest, report_request, report_response};
 
+use crate::proto::metadata::AGENT_HEADER;
 pub use crate::proto::metadata::{DESK_HEADER, SITE_HEADER};
 
 /// The Ingest service.
@@ -59,6 +61,19 @@ impl IngestService {
     }
 }
 
+impl IngestService {
+    /// [`IngestService::identify`], then, for a stream carrying `x-headcount-agent`, the register
+    /// slot of that agent install (claimed durably the first time; see `server/installs.rs`).
+    async fn identify_agent(&self, md: &MetadataMap) -> Result<(ReporterId, Option<Claim>), Error> {
+        let reporter = self.identify(md)?;
+        let Some(v) = md.get(AGENT_HEADER) else { return Ok((reporter, None)) };
+        let install = v.to_str().map_err(|_| Error::InvalidArgument(format!("`{AGENT_HEADER}` is not ASCII")))?;
+        let site = site_id(&self.agg, reporter).to_owned();
+        let (r, claim) = self.agg.install_reporter(&site, install, u32::from(reporter.desk)).await?;
+        Ok((r, Some(claim)))
+    }
+}
+
 #[tonic::async_trait]
 impl Ingest for IngestService {
     type ReportStream = Pin<Box<dyn Stream<Item = Result<ReportResponse, Status>> + Send>>;
@@ -71,10 +86,14 @@ impl Ingest for IngestService {
                 .insert(crate::proto::metadata::RETRY_AFTER_MS_HEADER, tonic::metadata::MetadataValue::from(1000));
             return Err(status);
         };
-        let reporter = self.identify(request.metadata()).inspect_err(|e| {
+        let (reporter, claim) = self.identify_agent(request.metadata()).await.inspect_err(|e| {
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
-        let resume = self.agg.resume_durable(reporter).await?;
+        let mut resume = self.agg.resume_durable(reporter).await?;
+        if let Some(c) = claim {
+            (resume.agent_slot, resume.site_agents, resume.desk_agents) =
+                (u32::from(c.slot), c.site_agents, c.desk_agents);
+        }
         // No span on the stream: even a disabled span is entered on every poll (3.7 % of the
         // server's profile under load). Log lines carry site and desk instead.
         tracing::debug!(site = %site_id(&self.agg, reporter), desk = reporter.desk, registers = resume.registers.len(), "stream opened");

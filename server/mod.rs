@@ -13,6 +13,7 @@ pub mod curve;
 pub mod durability;
 pub mod error;
 pub mod ingest;
+pub mod installs;
 pub mod limits;
 pub mod liveness;
 pub mod persist;

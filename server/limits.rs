@@ -58,6 +58,8 @@ pub struct Settings {
     pub curve_bucket: Duration,
     /// `--max-count`.
     pub max_count: i64,
+    /// `--max-agents-per-site`.
+    pub max_agents_per_site: u16,
     /// `--max-batch`.
     pub max_batch: usize,
     /// `--max-reason-bytes`.
@@ -116,6 +118,13 @@ pub fn check(s: &Settings) -> Result<(), LimitError> {
     span("--publish-tick", s.publish_tick, Duration::from_millis(1), Duration::from_secs(60), "")?;
     span("--curve-bucket", s.curve_bucket, TENTH, DAY, "")?;
     within("--max-count", s.max_count, 1, MAX_COUNT_CEILING, " (per desk and session; totals must fit in 64 bits)")?;
+    within(
+        "--max-agents-per-site",
+        s.max_agents_per_site,
+        1,
+        u16::MAX - super::installs::INSTALL_DESK_BASE,
+        " (the register slots a site has for agent installs)",
+    )?;
     within("--max-batch", s.max_batch, 1, 65_536, "")?;
     within("--max-reason-bytes", s.max_reason, 0, 4096, "")?;
     within("--max-streams-per-connection", s.max_streams_per_connection, 1, 100_000, "")?;

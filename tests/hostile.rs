@@ -176,6 +176,7 @@ async fn hostile_inputs_get_their_exact_status_and_change_nothing() {
     let lower = a.to_lowercase();
     let ghost_token = ts.site_token(&lower);
     let huge = "x".repeat(8000);
+    let agent = |id: &[u8]| [me(), vec![("x-headcount-agent", id.to_vec())]].concat();
     let id_cases: Vec<(&str, Headers, Code)> = vec![
         ("no authorization", who(None, sa, Some(b"1")), Unauthenticated),
         ("empty bearer", who(Some(b"Bearer ".to_vec()), sa, Some(b"1")), Unauthenticated),
@@ -200,6 +201,11 @@ async fn hostile_inputs_get_their_exact_status_and_change_nothing() {
         ("desk over u32", who(Some(bearer(&token)), sa, Some(b"4294967296")), InvalidArgument),
         ("desk fractional", who(Some(bearer(&token)), sa, Some(b"1.5")), InvalidArgument),
         ("desk not ASCII", who(Some(bearer(&token)), sa, Some(b"\xd9\xa1")), InvalidArgument),
+        ("agent id not ASCII", agent(b"\xc4\x90-laptop"), InvalidArgument),
+        ("agent id empty", agent(b""), InvalidArgument),
+        ("agent id of 65 bytes", agent(&[b'a'; 65]), InvalidArgument),
+        ("agent id with a space", agent(b"front desk"), InvalidArgument),
+        ("agent id with a slash", agent(b"../etc"), InvalidArgument),
     ];
     for (name, headers, code) in id_cases {
         add(&format!("identity: {name}"), INGEST, headers, nothing(), status(code));

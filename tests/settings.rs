@@ -45,6 +45,8 @@ fn every_setting_is_accepted_at_its_bounds_and_refused_beyond_them() {
         ("--max-count", vec!["--max-count", "1"], vec!["--max-count", "0"]),
         ("--max-count", vec!["--max-count", "1000000000"], vec!["--max-count", "1000000001"]),
         ("--max-count", vec!["--max-count", "1"], vec!["--max-count", "9223372036854775807"]),
+        ("--max-agents-per-site", vec!["--max-agents-per-site", "1"], vec!["--max-agents-per-site", "0"]),
+        ("--max-agents-per-site", vec!["--max-agents-per-site", "32767"], vec!["--max-agents-per-site", "32768"]),
         ("--max-batch", vec!["--max-batch", "1"], vec!["--max-batch", "0"]),
         (
             "--max-batch",

@@ -212,6 +212,7 @@ impl ServerArgs {
             publish_tick: self.publish_tick,
             curve_bucket: self.curve_bucket,
             max_count: self.max_count,
+            max_agents_per_site: self.max_agents_per_site,
             max_batch: self.max_batch,
             max_reason: self.max_reason_bytes,
             max_message_bytes: self.max_message_bytes,

@@ -446,6 +446,18 @@ async fn server_binary_requires_the_registry_or_an_explicit_reference() {
     let (success, stderr) = run(vec!["--sites".into(), bad.into(), "--sessions".into(), sessions.into()]).await;
     assert!(!success);
     assert!(stderr.contains("bad.csv:3:") && stderr.contains("\"DN004\""), "{stderr}");
+    let good = f.put("good.csv", format!("{HEADER}\nHN001,A,01,Hà Nội,01-001,X,100,1\n").as_bytes());
+    let (success, stderr) = run(vec![
+        "--sites".into(),
+        good.into(),
+        "--sessions".into(),
+        f.dir.path().join("sessions.csv").into(),
+        "--time-zone".into(),
+        "Mars/Olympus".into(),
+    ])
+    .await;
+    assert!(!success);
+    assert!(stderr.contains("--time-zone \"Mars/Olympus\""), "{stderr}");
     reference_registry_serves(f.dir.path()).await;
 }
 

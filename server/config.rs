@@ -143,6 +143,9 @@ pub enum ConfigError {
          --reference-registry to serve the built-in synthetic 10,035-site registry (simulations and tests only)"
     )]
     NoRegistry,
+    /// `--time-zone` is not a time zone of the tz database.
+    #[error("--time-zone {0:?} is not a known time zone: give an IANA name such as Asia/Ho_Chi_Minh")]
+    TimeZone(String),
 }
 
 impl ServerArgs {
@@ -151,6 +154,9 @@ impl ServerArgs {
     pub fn registry(&self) -> Result<Registry, ConfigError> {
         match (&self.sites, &self.sessions) {
             (Some(sites), Some(sessions)) => {
+                if jiff::tz::TimeZone::get(&self.time_zone).is_err() {
+                    return Err(ConfigError::TimeZone(self.time_zone.clone()));
+                }
                 let options = registry::csv::LoadOptions { time_zone: self.time_zone.clone() };
                 Ok(registry::csv::load_with(sites, sessions, &options)?)
             }

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod connect;
+pub mod limits;
 pub mod reporter;
 
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};

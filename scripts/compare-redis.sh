@@ -49,7 +49,7 @@ ours() { # depth, extra flags
 }
 printf '%-6s %14s %14s %14s %14s %10s\n' depth redis-HINCRBY redis-rule-lua ours-memory ours-journal 'memory/lua'
 for p in 1 16 64; do
-  hincr=$(rb "$p" hincrby "reg:__rand_int__" count 1)
+  hincr=$(rb "$p" hincrby "counter:__rand_int__" count 1)
   lua=$(rb "$p" evalsha "$sha" 1 "reg:__rand_int__")
   mem=$(ours "$p" --in-memory)
   jour=$(ours "$p")

@@ -216,7 +216,7 @@ async fn drive(
         let until = drain_until.unwrap_or(next).min(Instant::now() + Duration::from_millis(100));
         tokio::select! {
             () = tokio::time::sleep_until(until) => {
-                if drain_until.is_some() {
+                if drain_until.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
             }

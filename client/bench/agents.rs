@@ -24,14 +24,11 @@ use super::{
     process::ServerProcess,
     report::BenchReport,
     schedule::Burst,
-    streams::{OPEN_DEADLINE, authorized, channels, server_stats},
+    streams::{OPEN_DEADLINE, channels, national, server_stats},
 };
-use crate::{
-    client::{
-        connect::endpoint,
-        reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
-    },
-    proto::v1::{TotalsRequest, totals_client::TotalsClient},
+use crate::client::{
+    connect::endpoint,
+    reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
 };
 
 /// What one agent's driver did.
@@ -153,11 +150,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
             "{unacknowledged} of {check_ins} check-ins were not acknowledged within {DRAIN:?} of the stop"
         )));
     }
-    let national = TotalsClient::new(query_ch)
-        .get_totals(authorized(TotalsRequest { scope: None, session: Some(session) })?)
-        .await?
-        .into_inner()
-        .count;
+    let national = national(query_ch, Some(session)).await?;
     if national != check_ins as i64 {
         return Err(BenchError::Mismatch(format!(
             "agents made {check_ins} check-ins, all acknowledged, but the national total of session {session} is \

@@ -11,11 +11,9 @@ use super::{
     BenchArgs, BenchError, Ctx,
     process::ServerProcess,
     report::BenchReport,
-    streams::{RawStream, authorized, channels, open_all},
+    streams::{RawStream, channels, national, open_all},
 };
-use crate::proto::v1::{
-    Ack, Report, ReportBatch, ReportRequest, TotalsRequest, report_request, totals_client::TotalsClient,
-};
+use crate::proto::v1::{Ack, Report, ReportBatch, ReportRequest, report_request};
 
 /// How long one ack may take in `storm` before the site counts as not acknowledged.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,11 +141,7 @@ pub(super) async fn storm(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport)
     let (rss, hwm) = server.memory();
     report.server_rss_mb = rss as f64 / 1e6;
     report.server_peak_rss_mb = hwm as f64 / 1e6;
-    let national = TotalsClient::new(chans[0].clone())
-        .get_totals(authorized(TotalsRequest { scope: None, session: Some(1) })?)
-        .await?
-        .into_inner()
-        .count;
+    let national = national(chans[0].clone(), Some(1)).await?;
     let expected = STORM_COUNT * i64::from(report.streams);
     if national != expected {
         return Err(BenchError::Mismatch(format!(

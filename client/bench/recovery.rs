@@ -3,10 +3,9 @@
 
 use std::path::PathBuf;
 
-use super::{BenchArgs, BenchError, Ctx, process::ServerProcess, report::BenchReport, streams::authorized};
+use super::{BenchArgs, BenchError, Ctx, process::ServerProcess, report::BenchReport, streams::national};
 use crate::{
     client::connect::channel,
-    proto::v1::{TotalsRequest, totals_client::TotalsClient},
     server::{
         durability::{
             self,
@@ -82,12 +81,12 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     report.server_rss_mb = rss as f64 / 1e6;
     report.server_peak_rss_mb = hwm as f64 / 1e6;
     report.reports_sent = args.records;
-    let mut totals = TotalsClient::new(channel(&server.url()).await?);
+    let ch = channel(&server.url()).await?;
     let mut wrong = Vec::new();
     let all: i64 = expected.iter().sum();
     let checks = reg.sessions.iter().zip(&expected).map(|(s, &e)| (Some(s.id), e)).chain([(None, all)]);
     for (session, want) in checks {
-        let got = totals.get_totals(authorized(TotalsRequest { scope: None, session })?).await?.into_inner().count;
+        let got = national(ch.clone(), session).await?;
         report.totals_checked += 1;
         if got != want {
             wrong.push(format!("session {session:?}: recovered {got}, written {want}"));

@@ -17,8 +17,8 @@ use crate::{
     proto::{
         metadata::{DESK_HEADER, SITE_HEADER},
         v1::{
-            Ack, ReportRequest, ReportResponse, StatsRequest, ingest_client::IngestClient, report_response,
-            totals_client::TotalsClient,
+            Ack, ReportRequest, ReportResponse, StatsRequest, TotalsRequest, ingest_client::IngestClient,
+            report_response, totals_client::TotalsClient,
         },
     },
     server::Auth,
@@ -156,8 +156,29 @@ pub(super) fn authorized<T>(msg: T) -> Result<Request<T>, BenchError> {
     Ok(crate::client::connect::authorized(msg, token)?)
 }
 
+/// How long one unary call (stats, totals) may take before the run fails.
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `fut` within [`CALL_TIMEOUT`]; `what` names the call in the error.
+pub(super) async fn bounded<T, E: Into<BenchError>>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, BenchError> {
+    tokio::time::timeout(CALL_TIMEOUT, fut)
+        .await
+        .map_err(|_| BenchError::Mismatch(format!("{what}: no answer within {CALL_TIMEOUT:?}")))?
+        .map_err(Into::into)
+}
+
 /// (reports applied, durable flushes) as counted by the aggregator.
 pub(super) async fn server_stats(ch: Channel) -> Result<(u64, u64), BenchError> {
-    let s = TotalsClient::new(ch).stats(authorized(StatsRequest {})?).await?.into_inner();
+    let req = authorized(StatsRequest {})?;
+    let s = bounded("Stats", TotalsClient::new(ch).stats(req)).await?.into_inner();
     Ok((s.reports_applied, s.durable_flush))
+}
+
+/// The national total of `session` (None: all sessions), within [`CALL_TIMEOUT`].
+pub(super) async fn national(ch: Channel, session: Option<u32>) -> Result<i64, BenchError> {
+    let req = authorized(TotalsRequest { scope: None, session })?;
+    Ok(bounded("GetTotals", TotalsClient::new(ch).get_totals(req)).await?.into_inner().count)
 }

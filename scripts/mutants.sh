@@ -32,11 +32,12 @@ run() {
   local files=() tests=()
   while [ "$1" != "--" ]; do files+=(--file "$1"); shift; done
   shift
-  tests=("$@")
+  # Test targets go to every cargo call (build and test), so only they are rebuilt per mutant.
+  for t in "$@"; do tests+=(--cargo-arg="$t"); done
   echo "== $name: ${files[*]} -- ${tests[*]}" >&2
   mkdir -p "target/mutants-out/$name"
   timeout "$group_timeout" cargo mutants --jobs 1 --timeout 300 --build-timeout 900 --no-shuffle \
-    --output "target/mutants-out/$name" "${files[@]}" -- "${tests[@]}" || true
+    --output "target/mutants-out/$name" "${files[@]}" "${tests[@]}" || true
   for f in missed timeout unviable caught; do
     printf '%-9s %s\n' "$f" "$(wc -l < "target/mutants-out/$name/mutants.out/$f.txt" 2>/dev/null || echo '?')"
   done
@@ -48,9 +49,9 @@ for g in "${groups[@]}"; do
   case $g in
     counting)   run counting server/registers.rs -- --lib ;;
     rollups)    run rollups server/tally.rs -- --lib ;;
-    apply)      run apply server/aggregator.rs -- --lib --test ingest --test totals --test model_proptest ;;
-    durability) run durability 'server/durability/**' -- --lib --test durability ;;
-    reporter)   run reporter 'client/reporter/**' -- --lib --test reporter ;;
+    apply)      run apply server/aggregator.rs -- --lib --test=ingest --test=totals --test=model_proptest ;;
+    durability) run durability 'server/durability/**' -- --lib --test=durability ;;
+    reporter)   run reporter 'client/reporter/**' -- --lib --test=reporter ;;
     *) echo "unknown group $g (counting rollups apply durability reporter all)" >&2; exit 2 ;;
   esac
 done

@@ -248,6 +248,19 @@ mod tests {
     }
 
     #[test]
+    fn the_flusher_is_woken_once_a_shard_holds_its_share_of_the_early_commit() {
+        let r = Registers::new(true);
+        // 40 records over 16 shards: woken at 2 queued in one shard.
+        r.set_flusher(std::thread::current(), 40);
+        r.apply(key(0, 1, 0), 1, 1);
+        r.apply(key(16, 1, 0), 1, 1); // same shard as site 0: the second queued key
+        // Returns at once when unparked; the deadline only bounds a missing wake.
+        let waited = std::time::Instant::now();
+        std::thread::park_timeout(std::time::Duration::from_secs(30));
+        assert!(waited.elapsed() < std::time::Duration::from_secs(30), "the flusher was never woken");
+    }
+
+    #[test]
     fn restore_keeps_the_newest_state() {
         let r = Registers::new(false);
         let k = key(3, 1, 2);

@@ -73,7 +73,7 @@ pub enum Mode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// What to measure.
-    #[arg(value_enum, default_value = "saturate")]
+    #[arg(value_enum, default_value = "agents")]
     pub mode: Mode,
     /// Concurrent reporter streams (one per site; one more site is kept for the freshness probe).
     #[arg(long, default_value_t = 10_034)]
@@ -92,10 +92,10 @@ pub struct BenchArgs {
     /// up to 16.
     #[arg(long, default_value_t = 8)]
     pub window: u32,
-    /// Mean total rate: reports per second (paced, default 1,000,000) or check-ins per second
-    /// (agents, default 100,000).
-    #[arg(long)]
-    pub rate: Option<u64>,
+    /// Mean total rate: check-ins per second (agents) or reports per second (paced). The
+    /// default is 120 times the reference event's peak (1.5 M check-ins in 30 min ≈ 835/s).
+    #[arg(long, default_value_t = 100_000)]
+    pub rate: u64,
     /// Paced and agents load is bursty: every stream sends at Poisson-random times, and the rate
     /// follows a wave (two periods per run) between `2 − F` and `F` times the mean. 1 gives a flat
     /// Poisson rate; at most 2.
@@ -131,9 +131,9 @@ impl BenchArgs {
         self.reports_per_batch.unwrap_or(if self.mode == Mode::Stress { 64 } else { 1 })
     }
 
-    /// The mean rate for this mode (the flag, or the mode's default).
+    /// The mean rate (check-ins or reports per second).
     pub fn rate(&self) -> u64 {
-        self.rate.unwrap_or(if self.mode == Mode::Agents { 100_000 } else { 1_000_000 })
+        self.rate
     }
 
     /// Connections actually used: `--connections`, at most one per stream.

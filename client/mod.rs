@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod connect;
 pub mod desk;
+pub mod limits;
 pub mod reporter;
 
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs every benchmark of BENCHMARKS.md 3 times in one sequence (side by side, same binary) and
 # prints the medians. Usage: scripts/bench-suite.sh [out-dir] [duration, default 8s]
-# (about 20 minutes; QUICK=1 runs each once, 2 s, 200 streams: a check that every mode runs).
+# (about 20 minutes; QUICK=1 runs each once, 2 s, 200 streams: a check that every mode runs;
+# HEADCOUNT_BIN=path uses that binary, with headcount-server beside it, instead of building).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-$(mktemp -d -t headcount-bench-XXXX)}"
 d="${2:-8s}"
 mkdir -p "$out"
-cargo build --release --quiet
+B="${HEADCOUNT_BIN:-./target/release/headcount}"
+[ -n "${HEADCOUNT_BIN:-}" ] || cargo build --release --quiet
 ulimit -n 20000 2>/dev/null || true
-B=./target/release/headcount
 rounds=(1 2 3); small=()
 if [ "${QUICK:-0}" = 1 ]; then rounds=(1); d=2s; small=(--streams 200 --connections 10); fi
 failed=0

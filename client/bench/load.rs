@@ -63,6 +63,9 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     let cpu_before = server.cpu_seconds();
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Streams wait on this at the stop rather than polling `stop`: 10,000 timers firing to look at
+    // a flag would load the generator and show up as latency in paced runs.
+    let stopped = tokio_util::sync::CancellationToken::new();
     let per_stream = Arc::new((0..streams.len()).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
     let sessions: Vec<u32> = ctx.registry.sessions.iter().map(|s| s.id).collect();
     let rpb = args.batch_size() as usize;
@@ -95,13 +98,14 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for (k, s) in streams.into_iter().enumerate() {
-        let (stop, per_stream, sessions, burst) = (stop.clone(), per_stream.clone(), sessions.clone(), burst.clone());
+        let (stopped, per_stream, sessions, burst) =
+            (stopped.clone(), per_stream.clone(), sessions.clone(), burst.clone());
         // The first send is a Poisson arrival too (a uniform first phase would add sends).
         let phase = interval.map(|i| burst.next_gap(i, Duration::ZERO));
         let counter = move |applied: u64| {
             per_stream[k].fetch_add(applied, Relaxed);
         };
-        set.spawn(drive(s, sessions, rpb, window, interval.zip(phase), burst, started, stop, counter));
+        set.spawn(drive(s, sessions, rpb, window, interval.zip(phase), burst, started, stopped, counter));
     }
     // Totals queries and a watch-freshness probe while ingest runs, on their own threads.
     let read_at = read_url.clone().unwrap_or_else(|| url.clone());
@@ -147,6 +151,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     }
     let steady: Vec<u64> = snapshot().iter().zip(&at_warm).map(|(end, warm)| end - warm).collect();
     stop.store(true, Relaxed);
+    stopped.cancel();
     let (mut sent, mut unacknowledged) = (0, 0);
     let mut h = histogram();
     let mut misses = 0;
@@ -205,7 +210,7 @@ async fn drive(
     paced: Option<(Duration, Duration)>,
     burst: Burst,
     started: Instant,
-    stop: Arc<AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
     applied: impl Fn(u64),
 ) -> StreamOutcome {
     let RawStream { tx, mut rx, resumed } = s;
@@ -220,7 +225,7 @@ async fn drive(
     let mut sent_reports = 0u64;
     let mut drain_until: Option<Instant> = None;
     loop {
-        let stopping = stop.load(Relaxed);
+        let stopping = stop.is_cancelled();
         if stopping && drain_until.is_none() {
             drain_until = Some(Instant::now() + DRAIN);
         }
@@ -250,7 +255,10 @@ async fn drive(
                 break;
             }
             if paced.is_some() {
-                tokio::time::sleep_until(next_send.min(Instant::now() + Duration::from_millis(100))).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(next_send) => {}
+                    () = stop.cancelled() => {}
+                }
             }
             continue;
         }

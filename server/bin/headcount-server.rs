@@ -22,8 +22,13 @@ async fn main() -> ExitCode {
     match run(cli.server).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Once: through the log (stderr), in the chosen format.
-            tracing::error!(error = %e, "headcount-server stopped");
+            // Once: through the log (stderr, in the chosen format) when it shows errors, else
+            // plainly — a fatal error is never silenced by RUST_LOG.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!(error = %e, "headcount-server stopped");
+            } else {
+                eprintln!("headcount-server: {e}");
+            }
             ExitCode::FAILURE
         }
     }

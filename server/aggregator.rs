@@ -478,6 +478,9 @@ impl Aggregator {
         }
         s.applied.add(r.site, changed);
         s.unchanged.add(r.site, batch.reports.len() as u64 - changed - ack.rejections.len() as u64);
+        if is_install_desk(r.desk) {
+            ack.site_agents = s.installs.count(r.site);
+        }
         ack
     }
 

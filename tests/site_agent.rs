@@ -136,10 +136,15 @@ async fn two_agents_on_one_site_and_desk_are_both_counted_and_told() {
     );
     assert_eq!((s1, s2), (ExitStatus::Acknowledged, ExitStatus::Acknowledged), "{t1}\n{t2}");
     assert_eq!(site_total(&reader, &sid, 1).await, 50);
-    // Both operators are told: each agent has its own slot, and after (re)connecting each sees
-    // that two installs report for the site.
+    // Both operators are told: each agent has its own slot, and each sees (from its next ack,
+    // or on reconnecting) that two installs report for the site.
     let (so, sn) = (old.reporter().status(), new.reporter().status());
     assert_ne!(so.agent_slot, sn.agent_slot);
+    for a in [&old, &new] {
+        a.line(b"ONE-MORE", Mode::Badge, "desk").await;
+        flush(a.reporter(), "one more badge").await;
+        assert_eq!(a.reporter().status().site_agents, 2);
+    }
     for r in [old.reporter(), new.reporter()] {
         r.reconnect().await.expect("reconnect");
         let mut rx = r.watch_status();

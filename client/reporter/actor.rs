@@ -587,6 +587,9 @@ impl Actor {
             s.rejections += ack.rejections.len() as u64;
             s.refused += refused;
             s.foreign += foreign;
+            if ack.site_agents > 0 {
+                s.site_agents = ack.site_agents;
+            }
             if last_error.is_some() {
                 s.last_error = last_error;
             }

@@ -220,6 +220,8 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(if report.exact() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Site(args) => {
+            // Answers are printed from the agent's tasks on other threads: release the lock.
+            drop(stdout);
             let state_file =
                 args.state_file.unwrap_or_else(|| PathBuf::from(format!("headcount-{}-{}.json", args.site, args.desk)));
             let store = FileStore::new(&state_file);

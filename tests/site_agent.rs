@@ -302,3 +302,49 @@ async fn a_state_file_in_a_missing_directory_is_created_before_the_first_badge()
     std::fs::write(&blocker, b"x").expect("write");
     assert!(FileStore::new(blocker.join("agent.json")).prepare().is_err());
 }
+
+/// Runs the real `headcount site` binary with `input` on its standard input.
+async fn headcount_site(ts: &TestServer, site_id: &str, args: &[&str], input: &[u8]) -> (Option<i32>, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_headcount"))
+        .arg("site")
+        .args(["--server", &ts.url(), "--site", site_id, "--token", &ts.site_token(site_id)])
+        .args(["--flush-timeout", "20s", "--start-timeout", "20s"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start headcount site");
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    stdin.write_all(input).await.expect("write stdin");
+    drop(stdin);
+    let out = within("headcount site exits", child.wait_with_output()).await.expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_headcount_site_binary_answers_each_badge_and_exits_with_its_documented_codes() {
+    let ts = start_small().await;
+    let reader = ts.reader().await;
+    let (_, sid) = ts.site_with_desks(1, 20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("missing-dir").join("agent.json");
+    let state = state.to_str().expect("utf-8 path");
+    let (code, text) =
+        headcount_site(&ts, &sid, &["--session", "1", "--state-file", state], b"BADGE-1\n+849123456\nBADGE-1\n").await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("counted             +849123456") && text.contains("already checked in  BADGE-1"), "{text}");
+    assert!(text.contains("all acknowledged"), "{text}");
+    assert_eq!(site_total(&reader, &sid, 1).await, 2);
+    let (code, text) = headcount_site(&ts, &sid, &["--session", "99", "--state-file", state], b"BADGE-2\n").await;
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("--session"), "{text}");
+    let (code, text) =
+        headcount_site(&ts, &sid, &["--mode", "count", "--session", "1", "--state-file", state], b"+1000000\n+1\n")
+            .await;
+    assert_eq!(code, Some(5), "{text}");
+    assert_eq!(site_total(&reader, &sid, 1).await, 3);
+}

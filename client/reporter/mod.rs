@@ -13,6 +13,7 @@
 
 mod actor;
 pub mod backoff;
+mod reconcile;
 pub mod state;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};

@@ -297,3 +297,27 @@ async fn futures_join(addr: std::net::SocketAddr, badge: &str) -> [String; 2] {
     let (a, b) = tokio::join!(post(addr, "/badge", badge.as_bytes()), post(addr, "/badge", badge.as_bytes()));
     [a, b]
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_beyond_the_cap_are_refused_with_a_clear_message() {
+    let ts =
+        start_server(small_registry(), headcount::server::AggregatorConfig { max_agents_per_site: 1, ..test_config() })
+            .await;
+    let ch = ts.channel().await;
+    let (_, sid) = ts.site_with_desks(1, 21);
+    let config = ReporterConfig { agent_install: true, ..reporter_config(&ts.auth, &sid, 1) };
+    let first = Reporter::spawn(ch.clone(), config.clone(), Arc::new(MemoryStore::new())).expect("first");
+    first.badge(1, "A").await.expect("badge");
+    flush(&first, "first install").await;
+    let second = Reporter::spawn(ch, config, Arc::new(MemoryStore::new())).expect("second");
+    let mut rx = second.watch_status();
+    let st = within(
+        "second install refused",
+        rx.wait_for(|s| s.last_error.as_deref().is_some_and(|e| e.contains("--max-agents-per-site"))),
+    )
+    .await
+    .expect("reporter running")
+    .clone();
+    assert!(!st.connected && st.last_error.as_deref().is_some_and(|e| e.contains("ResourceExhausted")), "{st:?}");
+    assert_eq!(first.status().agent_slot, 1);
+}

@@ -180,17 +180,17 @@ async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode
 /// Prints connection changes and warnings as they happen.
 async fn show_status(agent: Arc<Agent>, out: Out) {
     let mut rx = agent.reporter().watch_status();
-    let (mut connected, mut agents, mut foreign, mut refused) = (false, 0u32, 0u64, 0u64);
+    let (mut connected, mut agents, mut foreign, mut refused) = (None, 0u32, 0u64, 0u64);
     loop {
         let st = rx.borrow_and_update().clone();
-        if st.connected != connected {
-            connected = st.connected;
-            if connected {
+        if connected != Some(st.connected) {
+            connected = Some(st.connected);
+            if st.connected {
                 out(format!("connected to the aggregator (this agent's register slot: {})", st.agent_slot));
             } else {
                 out(format!(
                     "NOT CONNECTED: {} — check-ins are kept in the state file and sent on reconnect",
-                    st.last_error.clone().unwrap_or_else(|| "connection lost".into())
+                    st.last_error.clone().unwrap_or_else(|| "connecting".into())
                 ));
             }
         }

@@ -9,5 +9,6 @@ pub mod reporter;
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
 pub mod dashboard;
 pub mod simulate;
+pub mod simulate_badges;
 pub mod site;
 pub mod watch;

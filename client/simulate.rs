@@ -73,6 +73,12 @@ pub struct SimulateArgs {
     /// Run the aggregator without its journal (by default it journals to a temporary directory).
     #[arg(long)]
     pub in_memory: bool,
+    /// People, not lines: one site agent per site (its own install slot) serves all the site's
+    /// desks, which scan delegates' badges (with repeat scans, also at another desk, answered
+    /// "already checked in"); every level must equal the number of distinct delegates. Off: one
+    /// reporter per desk sending head counts (the throughput model).
+    #[arg(long)]
+    pub badges: bool,
     /// Print the final report as JSON (and no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -96,6 +102,7 @@ impl Default for SimulateArgs {
             ticks_per_second: 2,
             flush_timeout: Duration::from_secs(120),
             in_memory: false,
+            badges: false,
             json: false,
             quiet: true,
         }
@@ -270,12 +277,19 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
 
     let backoff =
         BackoffConfig { initial: Duration::from_millis(200), max: Duration::from_secs(5), ..BackoffConfig::default() };
-    let mut reporters = Vec::with_capacity(plan.desks.len());
+    let mut reporters: Vec<Arc<Reporter>> = Vec::with_capacity(plan.desks.len());
     for dp in &plan.desks {
         let site = &registry.sites[dp.site as usize];
+        if args.badges && dp.desk > 1 {
+            // Badge mode: the site's agent (spawned for desk 1, desks are consecutive) serves it.
+            let agent = reporters.last().cloned().ok_or_else(|| SimulateError::Args("desk order".into()))?;
+            reporters.push(agent);
+            continue;
+        }
         let mut cfg = ReporterConfig::new(site.id.clone(), dp.desk, auth.site_token(&site.id));
         cfg.backoff = backoff;
         cfg.duplicate_probability = args.duplicate_probability;
+        cfg.agent_install = args.badges;
         let ch = channels[dp.site as usize / per_conn].clone();
         reporters.push(Arc::new(Reporter::spawn(ch, cfg, Arc::new(MemoryStore::new()))?));
     }
@@ -304,7 +318,17 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         let correction = dp.correction;
         let progress = progress.clone();
         let phase = Duration::from_micros(rng.random_range(0..tick.as_micros() as u64));
-        desks.spawn(drive_desk(reporter, session_ids, totals, correction, duration, tick, phase, progress));
+        let badges = args.badges.then(|| {
+            let site_desks: Vec<Vec<u32>> =
+                plan.desks.iter().filter(|d| d.site == dp.site).map(|d| d.totals.clone()).collect();
+            super::simulate_badges::Desk {
+                desk: dp.desk,
+                site_desks,
+                seed: args.seed ^ u64::from(dp.site) << 8 ^ u64::from(dp.desk),
+            }
+        });
+        let correction = if args.badges { None } else { correction };
+        desks.spawn(drive_desk(reporter, session_ids, totals, correction, duration, tick, phase, progress, badges));
     }
     // Forced reconnects at random moments.
     let chaos = {
@@ -394,7 +418,9 @@ async fn drive_desk(
     tick: Duration,
     phase: Duration,
     progress: Arc<AtomicU64>,
+    badges: Option<super::simulate_badges::Desk>,
 ) -> Result<bool, super::reporter::ReporterError> {
+    let mut scanner = badges.map(super::simulate_badges::Scanner::new);
     let window = duration / sessions.len().max(1) as u32;
     let start = tokio::time::Instant::now() + phase;
     let mut corrected = false;
@@ -409,7 +435,10 @@ async fn drive_desk(
             let due = ((f64::from(target) * arrived(x)).round() as u32).min(target);
             if x >= 1.0 || due > sent {
                 let n = if x >= 1.0 { target - sent } else { due - sent };
-                reporter.check_in(id, n).await?;
+                match &mut scanner {
+                    Some(sc) => sc.scan(&reporter, s, id, sent, n).await?,
+                    None => reporter.check_in(id, n).await?,
+                }
                 progress.fetch_add(u64::from(n), Relaxed);
                 sent += n;
             }

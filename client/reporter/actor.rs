@@ -23,7 +23,7 @@ use super::{
     BadgeOutcome, Command, ReporterConfig, ReporterError, ReporterStatus,
     backoff::Backoff,
     session_label,
-    state::{LocalState, StateStore},
+    state::{LocalRegister, LocalState, StateStore},
 };
 use crate::proto::metadata::{AGENT_HEADER, DESK_HEADER, SITE_HEADER};
 use crate::proto::v1::{
@@ -298,6 +298,18 @@ impl Actor {
         })
     }
 
+    /// Saves the current state (on the blocking pool for file stores, which needs a copy).
+    async fn save(&self) -> Result<(), ReporterError> {
+        if self.store.blocking() {
+            let store = self.store.clone();
+            let copy = self.state.clone();
+            tokio::task::spawn_blocking(move || store.save(&copy)).await.map_err(|_| ReporterError::Stopped)??;
+        } else {
+            self.store.save(&self.state)?;
+        }
+        Ok(())
+    }
+
     /// Saves `next` (on the blocking pool for file stores), then makes it the state.
     pub(super) async fn commit(&mut self, next: LocalState) -> Result<(), ReporterError> {
         if self.store.blocking() {
@@ -321,21 +333,21 @@ impl Actor {
         Err(ReporterError::UnknownSession { session, known })
     }
 
-    /// Applies a command and everything queued behind it to a copy of the state, persists once,
-    /// then answers them all. Returns true if a reconnect was asked for.
+    /// Applies a command and everything queued behind it, persists once, then answers them all;
+    /// a failed save undoes the group in memory (an undo log, not a copy of the state: the
+    /// badges seen are not cloned per commit). Returns true if a reconnect was asked for.
     async fn handle_commands(&mut self, first: Command) -> bool {
-        let mut next = self.state.clone();
+        let mut undo: BTreeMap<u32, Undo> = BTreeMap::new();
         let mut replies: Vec<Box<dyn FnOnce(Option<Failure>) + Send>> = Vec::new();
         let mut reconnect = false;
         let mut cmd = Some(first);
         let max = self.config.max_count;
         while let Some(c) = cmd.take() {
             match c {
-                Command::CheckIn { session, n, reply } => {
-                    if let Err(e) = self.check_session(session) {
-                        drop(reply.send(Err(e)));
-                    } else {
-                        let reg = next.sessions.entry(session).or_default();
+                Command::CheckIn { session, n, reply } => match self.check_session(session) {
+                    Err(e) => drop(reply.send(Err(e))),
+                    Ok(()) => {
+                        let reg = touch(&mut self.state, &mut undo, session);
                         let count = reg.count + i64::from(n);
                         if count > max {
                             drop(reply.send(Err(ReporterError::OutOfRange { session, count, max })));
@@ -345,11 +357,11 @@ impl Actor {
                                 .push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(e.into_error()))))));
                         }
                     }
-                }
+                },
                 Command::Badge { session, badge, reply } => match self.check_session(session) {
                     Err(e) => drop(reply.send(Err(e))),
                     Ok(()) => {
-                        let reg = next.sessions.entry(session).or_default();
+                        let reg = touch(&mut self.state, &mut undo, session);
                         if reg.badges.contains(&badge) {
                             let out = BadgeOutcome { counted: false, count: reg.count };
                             replies
@@ -357,26 +369,28 @@ impl Actor {
                         } else if reg.count >= max {
                             drop(reply.send(Err(ReporterError::OutOfRange { session, count: reg.count + 1, max })));
                         } else {
-                            reg.badges.insert(badge);
+                            reg.badges.insert(badge.clone());
                             reg.count += 1;
                             let out = BadgeOutcome { counted: true, count: reg.count };
+                            if let Some(u) = undo.get_mut(&session) {
+                                u.added.push(badge);
+                            }
                             replies
                                 .push(Box::new(move |e| drop(reply.send(e.map_or(Ok(out), |e| Err(e.into_error()))))));
                         }
                     }
                 },
-                Command::Correct { session, count, reason, reply } => {
-                    if let Err(e) = self.check_session(session) {
-                        drop(reply.send(Err(e)));
-                    } else {
-                        let anchored = next.anchored;
-                        let reg = next.sessions.entry(session).or_default();
+                Command::Correct { session, count, reason, reply } => match self.check_session(session) {
+                    Err(e) => drop(reply.send(Err(e))),
+                    Ok(()) => {
+                        let anchored = self.state.anchored;
+                        let reg = touch(&mut self.state, &mut undo, session);
                         reg.count = count;
                         reg.reason = Some(reason);
                         reg.absolute |= !anchored;
                         replies.push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(e.into_error()))))));
                     }
-                }
+                },
                 Command::Reconnect => reconnect = true,
             }
             if replies.len() < 4096 {
@@ -385,9 +399,11 @@ impl Actor {
         }
         // One seq per changed session per group commit.
         let mut failure: Option<Failure> = None;
-        for (session, reg) in &mut next.sessions {
-            let changed =
-                self.state.sessions.get(session).is_none_or(|b| b.count != reg.count || b.reason != reg.reason);
+        let mut changed_any = false;
+        for (session, u) in &undo {
+            let Some(reg) = self.state.sessions.get_mut(session) else { continue };
+            let changed = u.before.as_ref().is_none_or(|b| b.count != reg.count || b.reason != reg.reason);
+            changed_any |= changed || u.before.as_ref().is_some_and(|b| b.absolute != reg.absolute);
             if changed {
                 match bump(*session, reg.seq) {
                     Ok(s) => reg.seq = s,
@@ -395,16 +411,21 @@ impl Actor {
                 }
             }
         }
-        if failure.is_none() && next != self.state {
-            if let Err(e) = self.commit(next).await {
+        if failure.is_none() && changed_any {
+            if let Err(e) = self.save().await {
                 tracing::error!(
                     site = %self.config.site, desk = self.config.desk,
                     error = %e, "check-ins not recorded: state could not be saved"
                 );
                 failure = Some(Failure::Store(e.to_string()));
-            } else {
-                self.publish_local();
             }
+        }
+        if failure.is_some() {
+            for (session, u) in undo {
+                u.restore(&mut self.state, session);
+            }
+        } else {
+            self.publish_local();
         }
         for r in replies {
             r(failure.clone());
@@ -455,6 +476,45 @@ impl Actor {
             }
         }
     }
+}
+
+/// A register as it was before a group commit touched it, and the badges the group added.
+struct Undo {
+    /// `None`: the session had no register.
+    before: Option<LocalRegister>,
+    added: Vec<String>,
+}
+
+impl Undo {
+    fn restore(self, state: &mut LocalState, session: u32) {
+        match self.before {
+            None => {
+                state.sessions.remove(&session);
+            }
+            Some(b) => {
+                if let Some(reg) = state.sessions.get_mut(&session) {
+                    for badge in &self.added {
+                        reg.badges.remove(badge);
+                    }
+                    (reg.seq, reg.count, reg.reason, reg.absolute) = (b.seq, b.count, b.reason, b.absolute);
+                }
+            }
+        }
+    }
+}
+
+/// The register of `session`, noting its state before the group's first change of it.
+fn touch<'a>(state: &'a mut LocalState, undo: &mut BTreeMap<u32, Undo>, session: u32) -> &'a mut LocalRegister {
+    undo.entry(session).or_insert_with(|| Undo {
+        // Everything but the badges (restored from `added`).
+        before: state.sessions.get(&session).map(|r| LocalRegister {
+            badges: Default::default(),
+            reason: r.reason.clone(),
+            ..*r
+        }),
+        added: Vec::new(),
+    });
+    state.sessions.entry(session).or_default()
 }
 
 /// Why a group commit recorded nothing (told to every command of the group).

@@ -290,6 +290,10 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         cfg.backoff = backoff;
         cfg.duplicate_probability = args.duplicate_probability;
         cfg.agent_install = args.badges;
+        if args.badges {
+            // Badge runs take longer than `--duration`: keep finished sites "reporting".
+            cfg.heartbeat_interval = args.duration.max(Duration::from_secs(10)) / 3;
+        }
         let ch = channels[dp.site as usize / per_conn].clone();
         reporters.push(Arc::new(Reporter::spawn(ch, cfg, Arc::new(MemoryStore::new()))?));
     }

@@ -189,6 +189,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Ctrl-C, or SIGTERM (a service manager stopping the agent).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Writes a report as pretty JSON or through its human-readable printer.
 fn emit<W: Write, R: serde::Serialize>(
     out: &mut W,
@@ -243,9 +266,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 flush_timeout: args.flush_timeout,
             };
             let out: site::run::Out = Arc::new(|line| println!("{line}"));
-            let stop = Box::pin(async {
-                let _ = tokio::signal::ctrl_c().await;
-            });
+            let stop = Box::pin(stop_signal());
             let status = site::run::run(agent.clone(), tokio::io::stdin(), opts, out, stop).await;
             println!("State is kept in {}.", state_file.display());
             Ok(ExitCode::from(status as u8))

@@ -9,7 +9,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{Agent, ExitStatus, Mode, describe, follow::follow, schedule};
+use super::{Agent, ExitStatus, Mode, describe, follow::follow};
 
 /// Inputs and timings of a run.
 #[derive(Debug, Clone)]
@@ -63,10 +63,6 @@ pub async fn run(
         Ok(s) => {
             let how = if agent.session.is_some() { "(--session)" } else { "(by the schedule)" };
             out(format!("session {} {how}", reporter.status().session_name(s)));
-        }
-        Err(e @ schedule::ScheduleError::Unknown { .. }) => {
-            out(format!("STOPPED: {e}"));
-            return ExitStatus::Permanent;
         }
         Err(e) => {
             out(format!("STOPPED: {e}"));

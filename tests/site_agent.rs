@@ -15,7 +15,7 @@ use headcount::client::{
     reporter::state::{FileStore, MemoryStore, StateStore},
     site::{
         Agent, ExitStatus, Mode,
-        run::{Out, RunOptions, run},
+        run::{Out, RunOptions, SiteTotals, run},
     },
 };
 
@@ -42,6 +42,7 @@ fn options(mode: Mode) -> RunOptions {
         http: None,
         start_timeout: DEADLINE,
         flush_timeout: DEADLINE,
+        site_totals: None,
     }
 }
 
@@ -153,6 +154,14 @@ async fn two_agents_on_one_site_and_desk_are_both_counted_and_told() {
             .expect("reporter running");
     }
     assert!(t1.contains("agent installs report for this site") || t2.contains("agent installs report for this site"));
+    // At the end of a run the operator reads the site's total over both agents.
+    let screen = Screen::default();
+    let totals = SiteTotals { channel: ch.clone(), token: ts.site_token(&sid), site: sid.clone() };
+    let opts = RunOptions { site_totals: Some(totals), ..options(Mode::Badge) };
+    let stdin = std::io::Cursor::new(Vec::new());
+    let status = within("summary run", run(old.clone(), stdin, opts, screen.out(), never())).await;
+    assert_eq!(status, ExitStatus::Acknowledged, "{}", screen.text());
+    assert!(screen.text().contains("52 checked in at the aggregator (all agents of the site)"), "{}", screen.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

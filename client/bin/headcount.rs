@@ -253,6 +253,8 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 return Ok(ExitCode::FAILURE);
             }
             let channel = lazy_channel(&args.server)?;
+            let site_totals =
+                site::run::SiteTotals { channel: channel.clone(), token: args.token.clone(), site: args.site.clone() };
             let config =
                 ReporterConfig { agent_install: true, ..ReporterConfig::new(args.site.clone(), args.desk, args.token) };
             let reporter = Reporter::spawn(channel, config, Arc::new(store))?;
@@ -264,6 +266,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 http: args.http,
                 start_timeout: args.start_timeout,
                 flush_timeout: args.flush_timeout,
+                site_totals: Some(site_totals),
             };
             let out: site::run::Out = Arc::new(|line| println!("{line}"));
             let stop = Box::pin(stop_signal());

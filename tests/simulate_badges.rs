@@ -1,6 +1,6 @@
 //! The national simulation in badge mode, small: one agent per site serving its desks, badges
-//! with repeat scans (also at other desks), forced reconnects; every level must equal the number
-//! of distinct delegates.
+//! with repeat scans (also at other desks), agents killed and restarted from their state; every
+//! level must equal the number of distinct delegates.
 
 use std::time::Duration;
 

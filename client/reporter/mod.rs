@@ -329,6 +329,13 @@ impl Reporter {
         self.task.abort();
     }
 
+    /// [`Reporter::kill`], then waits until the task is gone (its last poll finished): after this
+    /// nothing of it runs any more, as after a process crash.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
     /// Stops the reporter (state is already persisted) and waits for its task.
     pub async fn shutdown(self) {
         drop(self.commands);

@@ -11,5 +11,6 @@ pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
 pub mod dashboard;
 pub mod queries;
 pub mod simulate;
+pub mod simulate_badges;
 pub mod site;
 pub mod watch;

@@ -75,6 +75,13 @@ pub struct SimulateArgs {
     /// Run the aggregator without its journal (by default it journals to a temporary directory).
     #[arg(long)]
     pub in_memory: bool,
+    /// People, not lines: one site agent per site (its own install slot) serves all the site's
+    /// desks, which scan delegates' badges (with repeat scans, also at another desk, answered
+    /// "already checked in"); `--reconnects` agents are killed and restarted from their state;
+    /// every level must equal the number of distinct delegates. Off: one reporter per desk
+    /// sending head counts (the throughput model).
+    #[arg(long)]
+    pub badges: bool,
     /// Print the final report as JSON (and no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -107,6 +114,7 @@ impl Default for SimulateArgs {
             ticks_per_second: 2,
             flush_timeout: Duration::from_secs(120),
             in_memory: false,
+            badges: false,
             json: false,
             quiet: true,
             http_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -292,9 +300,12 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
 
     let backoff =
         BackoffConfig { initial: Duration::from_millis(200), max: Duration::from_secs(5), ..BackoffConfig::default() };
-    let mut reporters = Vec::with_capacity(plan.desks.len());
+    let mut reporters: Vec<Arc<Reporter>> = Vec::with_capacity(plan.desks.len());
     for dp in &plan.desks {
         let site = &registry.sites[dp.site as usize];
+        if args.badges {
+            break; // badge mode: each site's driver runs (and restarts) its own agent
+        }
         let mut cfg = ReporterConfig::new(site.id.clone(), dp.desk, auth.site_token(&site.id));
         cfg.backoff = backoff;
         cfg.duplicate_probability = args.duplicate_probability;
@@ -319,7 +330,55 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     let duration = args.duration;
     let tick = Duration::from_secs(1) / args.ticks_per_second;
     let mut desks = JoinSet::new();
-    for (k, dp) in plan.desks.iter().enumerate() {
+    let restarts = Arc::new(AtomicU64::new(0));
+    // Badge mode: the site agents, kept running (heartbeats) until the totals are verified.
+    // A std Mutex: held only to push or take.
+    let agents: Arc<std::sync::Mutex<Vec<Arc<Reporter>>>> = Arc::default();
+    if args.badges {
+        // One agent per site serving its desks (consecutive in the plan), some restarted.
+        let mut per_site: Vec<Vec<&DeskPlan>> = Vec::new();
+        for dp in &plan.desks {
+            match per_site.last_mut() {
+                Some(v) if v[0].site == dp.site => v.push(dp),
+                _ => per_site.push(vec![dp]),
+            }
+        }
+        let mut restart_counts = vec![0u32; per_site.len()];
+        for _ in 0..if per_site.is_empty() { 0 } else { args.reconnects } {
+            restart_counts[rng.random_range(0..per_site.len())] += 1;
+        }
+        for (desks_of_site, restarts_planned) in per_site.iter().zip(restart_counts) {
+            let site = &registry.sites[desks_of_site[0].site as usize];
+            let mut config = ReporterConfig::new(site.id.clone(), 1, auth.site_token(&site.id));
+            config.backoff = backoff;
+            config.duplicate_probability = args.duplicate_probability;
+            config.agent_install = true;
+            // Badge runs take longer than `--duration`: keep finished sites "reporting".
+            config.heartbeat_interval = args.duration.max(Duration::from_secs(10)) / 3;
+            let one = super::simulate_badges::Site {
+                channel: channels[desks_of_site[0].site as usize / per_conn].clone(),
+                config,
+                desks: desks_of_site.iter().map(|d| d.totals.clone()).collect(),
+                sessions: registry.sessions.iter().map(|s| s.id).collect(),
+                seed: args.seed ^ (u64::from(desks_of_site[0].site) << 8),
+                restarts: restarts_planned,
+            };
+            let timing = super::simulate_badges::Timing {
+                duration,
+                tick,
+                phase: Duration::from_micros(rng.random_range(0..tick.as_micros() as u64)),
+                flush_timeout: args.flush_timeout,
+            };
+            let (progress, restarts, agents) = (progress.clone(), restarts.clone(), agents.clone());
+            desks.spawn(async move {
+                let (n, agent) = super::simulate_badges::drive_site(one, timing, arrived, progress).await?;
+                restarts.fetch_add(u64::from(n), Relaxed);
+                agents.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(agent);
+                Ok(false)
+            });
+        }
+    }
+    for (k, dp) in plan.desks.iter().enumerate().take(reporters.len()) {
         let reporter = reporters[k].clone();
         let session_ids: Vec<u32> = registry.sessions.iter().map(|s| s.id).collect();
         let totals = dp.totals.clone();
@@ -336,7 +395,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         tokio::spawn(async move {
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc4a05);
             let step = duration / n.max(1);
-            for _ in 0..n {
+            for _ in 0..if reporters.is_empty() { 0 } else { n } {
                 tokio::time::sleep(step).await;
                 let r = &reporters[rng.random_range(0..reporters.len())];
                 let _ = r.reconnect().await;
@@ -364,7 +423,9 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     bar.finish_and_clear();
 
     tracing::info!(elapsed = ?start.elapsed(), "flushed");
-    let reconnects: u64 = reporters.iter().map(|r| r.status().connects.saturating_sub(1)).sum();
+    // Badge mode: agent restarts (each one also a reconnect).
+    let reconnects: u64 =
+        reporters.iter().map(|r| r.status().connects.saturating_sub(1)).sum::<u64>() + restarts.load(Relaxed);
     let (checked, mismatches) =
         verify(channels[0].clone(), &read_token, &registry, &plan.expected, session_count).await?;
     tracing::info!(elapsed = ?start.elapsed(), "verified");
@@ -373,7 +434,8 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         let req = authorized(crate::proto::v1::SilentSitesRequest { scope: None, limit: 0 }, &read_token)?;
         c.silent_sites(req).await?.into_inner().total_silent
     };
-    for r in reporters {
+    let agents = std::mem::take(&mut *agents.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for r in reporters.into_iter().chain(agents) {
         if let Ok(r) = Arc::try_unwrap(r) {
             r.shutdown().await;
         }

@@ -23,7 +23,7 @@ use super::{
         record::{CurveRecord, InstallRecord, Record},
     },
     error::Error,
-    installs::{Claim, Installs},
+    installs::{Claim, Installs, is_install_desk},
     liveness::Liveness,
     registers::{Outcome, Register, RegisterKey, Registers},
     registry::Registry,
@@ -434,6 +434,9 @@ impl Aggregator {
         }
         s.applied.add(r.site, changed);
         s.unchanged.add(r.site, batch.reports.len() as u64 - changed - ack.rejections.len() as u64);
+        if is_install_desk(r.desk) {
+            ack.site_agents = s.installs.count(r.site);
+        }
         ack
     }
 

@@ -63,14 +63,16 @@ impl IngestService {
 
 impl IngestService {
     /// [`IngestService::identify`], then, for a stream carrying `x-headcount-agent`, the register
-    /// slot of that agent install (claimed durably the first time; see `server/installs.rs`).
-    async fn identify_agent(&self, md: &MetadataMap) -> Result<(ReporterId, Option<Claim>), Error> {
+    /// slot of that agent install (claimed durably the first time; see `server/installs.rs`) with
+    /// the desk number it declared.
+    async fn identify_agent(&self, md: &MetadataMap) -> Result<(ReporterId, Option<(Claim, u32)>), Error> {
         let reporter = self.identify(md)?;
         let Some(v) = md.get(AGENT_HEADER) else { return Ok((reporter, None)) };
         let install = v.to_str().map_err(|_| Error::InvalidArgument(format!("`{AGENT_HEADER}` is not ASCII")))?;
         let site = site_id(&self.agg, reporter).to_owned();
-        let (r, claim) = self.agg.install_reporter(&site, install, u32::from(reporter.desk)).await?;
-        Ok((r, Some(claim)))
+        let desk = u32::from(reporter.desk);
+        let (r, claim) = self.agg.install_reporter(&site, install, desk).await?;
+        Ok((r, Some((claim, desk))))
     }
 }
 
@@ -92,9 +94,10 @@ impl Ingest for IngestService {
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
         let mut resume = self.agg.resume_durable(reporter).await?;
-        if let Some(c) = claim {
+        if let Some((c, desk)) = claim {
             (resume.agent_slot, resume.site_agents, resume.desk_agents) =
                 (u32::from(c.slot), c.site_agents, c.desk_agents);
+            resume.desk = desk;
         }
         // No span on the stream: even a disabled span is entered on every poll (3.7 % of the
         // server's profile under load). Log lines carry site and desk instead.

@@ -114,6 +114,12 @@ impl Installs {
         Ok(Claim { slot, new, site_agents: list.len() as u32, desk_agents })
     }
 
+    /// Installs known for `site`.
+    pub fn count(&self, site: u32) -> u32 {
+        let sites = self.sites.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sites.get(&site).map_or(0, |l| l.len() as u32)
+    }
+
     /// Restores a journaled claim (recovery).
     pub fn restore(&self, site: u32, install: Install) {
         let mut sites = self.sites.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

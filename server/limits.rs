@@ -196,7 +196,8 @@ pub fn largest_ack(max_batch: usize) -> usize {
     let per = prost::encoding::message::encoded_len(2, &widest);
     let applied =
         prost::encoding::message::encoded_len(1, &RegisterState { session: u32::MAX, seq: u64::MAX, count: i64::MIN });
-    let ack_len = per.max(applied) * max_batch;
+    // `site_agents` (field 3, a varint): at most 1 tag byte + 5 bytes.
+    let ack_len = per.max(applied) * max_batch + 6;
     1 + prost::encoding::encoded_len_varint(ack_len as u64) + ack_len
 }
 
@@ -238,7 +239,7 @@ mod tests {
             message: "m".repeat(MAX_REJECTION_MESSAGE),
             current: Some(RegisterState { session: u32::MAX, seq: u64::MAX, count: i64::MIN }),
         };
-        let ack = Ack { applied: vec![], rejections: vec![rejection; 5] };
+        let ack = Ack { applied: vec![], rejections: vec![rejection; 5], site_agents: u32::MAX };
         let resp = ReportResponse { kind: Some(report_response::Kind::Ack(ack)) };
         assert_eq!(resp.encoded_len(), largest_ack(5));
     }

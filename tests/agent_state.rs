@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct FlakyStore {
     inner: MemoryStore,
     saves: AtomicUsize,
-    fail_at: usize,
+    fail_at: AtomicUsize,
 }
 
 impl StateStore for FlakyStore {
@@ -35,7 +35,7 @@ impl StateStore for FlakyStore {
         self.inner.load()
     }
     fn save(&self, state: &LocalState) -> Result<(), StoreError> {
-        if self.saves.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+        if self.saves.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at.load(Ordering::SeqCst) {
             return Err(StoreError::Io { path: "flaky".into(), source: std::io::Error::other("disk full (injected)") });
         }
         self.inner.save(state)
@@ -60,7 +60,8 @@ async fn a_failed_save_of_the_adopted_state_changes_nothing_and_the_total_stays_
     let proxy = Proxy::start(ts.addr()).await;
     proxy.set_blocked(true);
     let via_proxy = tonic::transport::Endpoint::from_shared(proxy.url()).expect("url").connect_lazy();
-    let store = Arc::new(FlakyStore { inner: MemoryStore::new(), saves: AtomicUsize::new(0), fail_at: 2 });
+    let store =
+        Arc::new(FlakyStore { inner: MemoryStore::new(), saves: AtomicUsize::new(0), fail_at: AtomicUsize::new(2) });
     let r = Reporter::spawn(via_proxy.clone(), reporter_config(&ts.auth, &sid, 1), store.clone()).expect("spawn");
     r.check_in(1, 5).await.expect("first save succeeds");
     // The aggregator comes back; the save of the merged state (the second save) fails once.
@@ -296,4 +297,51 @@ async fn concurrent_posts_of_one_badge_from_two_desks_count_once() {
 async fn futures_join(addr: std::net::SocketAddr, badge: &str) -> [String; 2] {
     let (a, b) = tokio::join!(post(addr, "/badge", badge.as_bytes()), post(addr, "/badge", badge.as_bytes()));
     [a, b]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_beyond_the_cap_are_refused_with_a_clear_message() {
+    let ts =
+        start_server(small_registry(), headcount::server::AggregatorConfig { max_agents_per_site: 1, ..test_config() })
+            .await;
+    let ch = ts.channel().await;
+    let (_, sid) = ts.site_with_desks(1, 21);
+    let config = ReporterConfig { agent_install: true, ..reporter_config(&ts.auth, &sid, 1) };
+    let first = Reporter::spawn(ch.clone(), config.clone(), Arc::new(MemoryStore::new())).expect("first");
+    first.badge(1, "A").await.expect("badge");
+    flush(&first, "first install").await;
+    let second = Reporter::spawn(ch, config, Arc::new(MemoryStore::new())).expect("second");
+    let mut rx = second.watch_status();
+    let st = within(
+        "second install refused",
+        rx.wait_for(|s| s.last_error.as_deref().is_some_and(|e| e.contains("--max-agents-per-site"))),
+    )
+    .await
+    .expect("reporter running")
+    .clone();
+    assert!(!st.connected && st.last_error.as_deref().is_some_and(|e| e.contains("ResourceExhausted")), "{st:?}");
+    assert_eq!(first.status().agent_slot, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_badge_whose_save_fails_is_not_recorded_and_counts_when_scanned_again() {
+    let ts = start_small().await;
+    let ch = ts.channel().await;
+    let reader = ts.reader().await;
+    let (_, sid) = ts.site_with_desks(1, 22);
+    let store =
+        Arc::new(FlakyStore { inner: MemoryStore::new(), saves: AtomicUsize::new(0), fail_at: AtomicUsize::new(0) });
+    let config = ReporterConfig { agent_install: true, ..reporter_config(&ts.auth, &sid, 1) };
+    let r = Reporter::spawn(ch, config, store.clone()).expect("spawn");
+    wait_connected(&r, "agent").await;
+    // The next save (badge A) fails.
+    store.fail_at.store(store.saves.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+    assert!(matches!(r.badge(1, "A").await, Err(ReporterError::Store(_))));
+    assert!(r.status().local.get(&1).is_none_or(|(_, c)| *c == 0), "{:?}", r.status());
+    let again = r.badge(1, "A").await.expect("saved this time");
+    assert!(again.counted && again.count == 1, "{again:?}");
+    assert!(!r.badge(1, "A").await.expect("repeat").counted);
+    flush(&r, "badge A").await;
+    assert_eq!(reader.count(site(&sid), Some(1)).await, 1);
+    assert_eq!(store.inner.load().expect("load").expect("saved").sessions[&1].badges.len(), 1);
 }

@@ -15,7 +15,7 @@ use headcount::client::{
     reporter::state::{FileStore, MemoryStore, StateStore},
     site::{
         Agent, ExitStatus, Mode,
-        run::{Out, RunOptions, run},
+        run::{Out, RunOptions, SiteTotals, run},
     },
 };
 
@@ -42,6 +42,7 @@ fn options(mode: Mode) -> RunOptions {
         http: None,
         start_timeout: DEADLINE,
         flush_timeout: DEADLINE,
+        site_totals: None,
     }
 }
 
@@ -136,10 +137,15 @@ async fn two_agents_on_one_site_and_desk_are_both_counted_and_told() {
     );
     assert_eq!((s1, s2), (ExitStatus::Acknowledged, ExitStatus::Acknowledged), "{t1}\n{t2}");
     assert_eq!(site_total(&reader, &sid, 1).await, 50);
-    // Both operators are told: each agent has its own slot, and after (re)connecting each sees
-    // that two installs report for the site.
+    // Both operators are told: each agent has its own slot, and each sees (from its next ack,
+    // or on reconnecting) that two installs report for the site.
     let (so, sn) = (old.reporter().status(), new.reporter().status());
     assert_ne!(so.agent_slot, sn.agent_slot);
+    for a in [&old, &new] {
+        a.line(b"ONE-MORE", Mode::Badge, "desk").await;
+        flush(a.reporter(), "one more badge").await;
+        assert_eq!(a.reporter().status().site_agents, 2);
+    }
     for r in [old.reporter(), new.reporter()] {
         r.reconnect().await.expect("reconnect");
         let mut rx = r.watch_status();
@@ -148,6 +154,14 @@ async fn two_agents_on_one_site_and_desk_are_both_counted_and_told() {
             .expect("reporter running");
     }
     assert!(t1.contains("agent installs report for this site") || t2.contains("agent installs report for this site"));
+    // At the end of a run the operator reads the site's total over both agents.
+    let screen = Screen::default();
+    let totals = SiteTotals { channel: ch.clone(), token: ts.site_token(&sid), site: sid.clone() };
+    let opts = RunOptions { site_totals: Some(totals), ..options(Mode::Badge) };
+    let stdin = std::io::Cursor::new(Vec::new());
+    let status = within("summary run", run(old.clone(), stdin, opts, screen.out(), never())).await;
+    assert_eq!(status, ExitStatus::Acknowledged, "{}", screen.text());
+    assert!(screen.text().contains("52 checked in at the aggregator (all agents of the site)"), "{}", screen.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,4 +310,50 @@ async fn a_state_file_in_a_missing_directory_is_created_before_the_first_badge()
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, b"x").expect("write");
     assert!(FileStore::new(blocker.join("agent.json")).prepare().is_err());
+}
+
+/// Runs the real `headcount site` binary with `input` on its standard input.
+async fn headcount_site(ts: &TestServer, site_id: &str, args: &[&str], input: &[u8]) -> (Option<i32>, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_headcount"))
+        .arg("site")
+        .args(["--server", &ts.url(), "--site", site_id, "--token", &ts.site_token(site_id)])
+        .args(["--flush-timeout", "20s", "--start-timeout", "20s"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start headcount site");
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    stdin.write_all(input).await.expect("write stdin");
+    drop(stdin);
+    let out = within("headcount site exits", child.wait_with_output()).await.expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_headcount_site_binary_answers_each_badge_and_exits_with_its_documented_codes() {
+    let ts = start_small().await;
+    let reader = ts.reader().await;
+    let (_, sid) = ts.site_with_desks(1, 20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("missing-dir").join("agent.json");
+    let state = state.to_str().expect("utf-8 path");
+    let (code, text) =
+        headcount_site(&ts, &sid, &["--session", "1", "--state-file", state], b"BADGE-1\n+849123456\nBADGE-1\n").await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("counted             +849123456") && text.contains("already checked in  BADGE-1"), "{text}");
+    assert!(text.contains("all acknowledged"), "{text}");
+    assert_eq!(site_total(&reader, &sid, 1).await, 2);
+    let (code, text) = headcount_site(&ts, &sid, &["--session", "99", "--state-file", state], b"BADGE-2\n").await;
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("--session"), "{text}");
+    let (code, text) =
+        headcount_site(&ts, &sid, &["--mode", "count", "--session", "1", "--state-file", state], b"+1000000\n+1\n")
+            .await;
+    assert_eq!(code, Some(5), "{text}");
+    assert_eq!(site_total(&reader, &sid, 1).await, 3);
 }

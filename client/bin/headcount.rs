@@ -237,6 +237,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Ctrl-C, or SIGTERM (a service manager stopping the agent).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Writes a report as pretty JSON or through its human-readable printer.
 fn emit<W: Write, R: serde::Serialize>(
     out: &mut W,
@@ -268,6 +291,8 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(if report.exact() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Site(args) => {
+            // Answers are printed from the agent's tasks on other threads: release the lock.
+            drop(stdout);
             let state_file =
                 args.state_file.unwrap_or_else(|| PathBuf::from(format!("headcount-{}-{}.json", args.site, args.desk)));
             let store = FileStore::new(&state_file);
@@ -276,6 +301,8 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 return Ok(ExitCode::FAILURE);
             }
             let channel = lazy_channel(&args.server)?;
+            let site_totals =
+                site::run::SiteTotals { channel: channel.clone(), token: args.token.clone(), site: args.site.clone() };
             let config =
                 ReporterConfig { agent_install: true, ..ReporterConfig::new(args.site.clone(), args.desk, args.token) };
             let reporter = Reporter::spawn(channel, config, Arc::new(store))?;
@@ -287,11 +314,10 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 http: args.http,
                 start_timeout: args.start_timeout,
                 flush_timeout: args.flush_timeout,
+                site_totals: Some(site_totals),
             };
             let out: site::run::Out = Arc::new(|line| println!("{line}"));
-            let stop = Box::pin(async {
-                let _ = tokio::signal::ctrl_c().await;
-            });
+            let stop = Box::pin(stop_signal());
             let status = site::run::run(agent.clone(), tokio::io::stdin(), opts, out, stop).await;
             println!("State is kept in {}.", state_file.display());
             Ok(ExitCode::from(status as u8))

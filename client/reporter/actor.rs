@@ -23,22 +23,22 @@ use super::{
     BadgeOutcome, Command, ReporterConfig, ReporterError, ReporterStatus,
     backoff::Backoff,
     session_label,
-    state::{LocalState, ScheduledSession, StateStore},
+    state::{LocalRegister, LocalState, StateStore},
 };
 use crate::proto::metadata::{AGENT_HEADER, DESK_HEADER, SITE_HEADER};
 use crate::proto::v1::{
-    Ack, Heartbeat, Report, ReportBatch, ReportRequest, ReportResponse, Resume, ingest_client::IngestClient,
-    report_request, report_response,
+    Heartbeat, Report, ReportBatch, ReportRequest, ReportResponse, Resume, ingest_client::IngestClient, report_request,
+    report_response,
 };
 
 /// An open, resumed stream.
-struct Conn {
-    tx: mpsc::Sender<ReportRequest>,
-    rx: Streaming<ReportResponse>,
+pub(super) struct Conn {
+    pub(super) tx: mpsc::Sender<ReportRequest>,
+    pub(super) rx: Streaming<ReportResponse>,
     /// Highest seq sent per session on this stream.
     sent: BTreeMap<u32, u64>,
     /// Count sent with each (session, seq) not yet answered, to undo a refused change.
-    in_flight: HashMap<(u32, u64), i64>,
+    pub(super) in_flight: HashMap<(u32, u64), i64>,
     last_send: Instant,
 }
 
@@ -48,7 +48,7 @@ type Opening = Pin<Box<dyn Future<Output = Result<(Conn, Resume), Status>> + Sen
 const OUTBOUND: usize = 16;
 
 /// The next seq after `seq`, without overflow (the aggregator may send `u64::MAX`).
-fn bump(session: u32, seq: u64) -> Result<u64, ReporterError> {
+pub(super) fn bump(session: u32, seq: u64) -> Result<u64, ReporterError> {
     seq.checked_add(1).ok_or(ReporterError::SeqExhausted(session))
 }
 
@@ -77,18 +77,18 @@ fn advice(config: &ReporterConfig, status: &Status) -> String {
 }
 
 pub(super) struct Actor {
-    client: IngestClient<Channel>,
-    config: ReporterConfig,
-    auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-    backoff: Backoff,
-    store: Arc<dyn StateStore>,
-    state: LocalState,
+    pub(super) client: IngestClient<Channel>,
+    pub(super) config: ReporterConfig,
+    pub(super) auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    pub(super) backoff: Backoff,
+    pub(super) store: Arc<dyn StateStore>,
+    pub(super) state: LocalState,
     /// The state has changes not yet saved (a new install id): saved before the first stream.
-    unsaved: bool,
-    settled: BTreeMap<u32, u64>,
-    conn: Option<Conn>,
-    status: watch::Sender<ReporterStatus>,
-    commands: mpsc::Receiver<Command>,
+    pub(super) unsaved: bool,
+    pub(super) settled: BTreeMap<u32, u64>,
+    pub(super) conn: Option<Conn>,
+    pub(super) status: watch::Sender<ReporterStatus>,
+    pub(super) commands: mpsc::Receiver<Command>,
 }
 
 impl Actor {
@@ -244,11 +244,11 @@ impl Actor {
         self.status.send_modify(|s| s.connected = connected);
     }
 
-    fn set_error(&self, e: String) {
+    pub(super) fn set_error(&self, e: String) {
         self.status.send_modify(|s| s.last_error = Some(e));
     }
 
-    fn set_fatal(&self, e: String) {
+    pub(super) fn set_fatal(&self, e: String) {
         self.status.send_modify(|s| {
             s.connected = false;
             s.last_error = Some(e.clone());
@@ -256,7 +256,7 @@ impl Actor {
         });
     }
 
-    fn publish_local(&self) {
+    pub(super) fn publish_local(&self) {
         let local = self.state.sessions.iter().map(|(s, r)| (*s, (r.seq, r.count))).collect();
         let settled = self.settled.clone();
         self.status.send_modify(|s| {
@@ -298,8 +298,20 @@ impl Actor {
         })
     }
 
+    /// Saves the current state (on the blocking pool for file stores, which needs a copy).
+    async fn save(&self) -> Result<(), ReporterError> {
+        if self.store.blocking() {
+            let store = self.store.clone();
+            let copy = self.state.clone();
+            tokio::task::spawn_blocking(move || store.save(&copy)).await.map_err(|_| ReporterError::Stopped)??;
+        } else {
+            self.store.save(&self.state)?;
+        }
+        Ok(())
+    }
+
     /// Saves `next` (on the blocking pool for file stores), then makes it the state.
-    async fn commit(&mut self, next: LocalState) -> Result<(), ReporterError> {
+    pub(super) async fn commit(&mut self, next: LocalState) -> Result<(), ReporterError> {
         if self.store.blocking() {
             let store = self.store.clone();
             let copy = next.clone();
@@ -321,21 +333,21 @@ impl Actor {
         Err(ReporterError::UnknownSession { session, known })
     }
 
-    /// Applies a command and everything queued behind it to a copy of the state, persists once,
-    /// then answers them all. Returns true if a reconnect was asked for.
+    /// Applies a command and everything queued behind it, persists once, then answers them all;
+    /// a failed save undoes the group in memory (an undo log, not a copy of the state: the
+    /// badges seen are not cloned per commit). Returns true if a reconnect was asked for.
     async fn handle_commands(&mut self, first: Command) -> bool {
-        let mut next = self.state.clone();
+        let mut undo: BTreeMap<u32, Undo> = BTreeMap::new();
         let mut replies: Vec<Box<dyn FnOnce(Option<Failure>) + Send>> = Vec::new();
         let mut reconnect = false;
         let mut cmd = Some(first);
         let max = self.config.max_count;
         while let Some(c) = cmd.take() {
             match c {
-                Command::CheckIn { session, n, reply } => {
-                    if let Err(e) = self.check_session(session) {
-                        drop(reply.send(Err(e)));
-                    } else {
-                        let reg = next.sessions.entry(session).or_default();
+                Command::CheckIn { session, n, reply } => match self.check_session(session) {
+                    Err(e) => drop(reply.send(Err(e))),
+                    Ok(()) => {
+                        let reg = touch(&mut self.state, &mut undo, session);
                         let count = reg.count + i64::from(n);
                         if count > max {
                             drop(reply.send(Err(ReporterError::OutOfRange { session, count, max })));
@@ -345,11 +357,11 @@ impl Actor {
                                 .push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(e.into_error()))))));
                         }
                     }
-                }
+                },
                 Command::Badge { session, badge, reply } => match self.check_session(session) {
                     Err(e) => drop(reply.send(Err(e))),
                     Ok(()) => {
-                        let reg = next.sessions.entry(session).or_default();
+                        let reg = touch(&mut self.state, &mut undo, session);
                         if reg.badges.contains(&badge) {
                             let out = BadgeOutcome { counted: false, count: reg.count };
                             replies
@@ -357,26 +369,28 @@ impl Actor {
                         } else if reg.count >= max {
                             drop(reply.send(Err(ReporterError::OutOfRange { session, count: reg.count + 1, max })));
                         } else {
-                            reg.badges.insert(badge);
+                            reg.badges.insert(badge.clone());
                             reg.count += 1;
                             let out = BadgeOutcome { counted: true, count: reg.count };
+                            if let Some(u) = undo.get_mut(&session) {
+                                u.added.push(badge);
+                            }
                             replies
                                 .push(Box::new(move |e| drop(reply.send(e.map_or(Ok(out), |e| Err(e.into_error()))))));
                         }
                     }
                 },
-                Command::Correct { session, count, reason, reply } => {
-                    if let Err(e) = self.check_session(session) {
-                        drop(reply.send(Err(e)));
-                    } else {
-                        let anchored = next.anchored;
-                        let reg = next.sessions.entry(session).or_default();
+                Command::Correct { session, count, reason, reply } => match self.check_session(session) {
+                    Err(e) => drop(reply.send(Err(e))),
+                    Ok(()) => {
+                        let anchored = self.state.anchored;
+                        let reg = touch(&mut self.state, &mut undo, session);
                         reg.count = count;
                         reg.reason = Some(reason);
                         reg.absolute |= !anchored;
                         replies.push(Box::new(move |e| drop(reply.send(e.map_or(Ok(()), |e| Err(e.into_error()))))));
                     }
-                }
+                },
                 Command::Reconnect => reconnect = true,
             }
             if replies.len() < 4096 {
@@ -385,9 +399,11 @@ impl Actor {
         }
         // One seq per changed session per group commit.
         let mut failure: Option<Failure> = None;
-        for (session, reg) in &mut next.sessions {
-            let changed =
-                self.state.sessions.get(session).is_none_or(|b| b.count != reg.count || b.reason != reg.reason);
+        let mut changed_any = false;
+        for (session, u) in &undo {
+            let Some(reg) = self.state.sessions.get_mut(session) else { continue };
+            let changed = u.before.as_ref().is_none_or(|b| b.count != reg.count || b.reason != reg.reason);
+            changed_any |= changed || u.before.as_ref().is_some_and(|b| b.absolute != reg.absolute);
             if changed {
                 match bump(*session, reg.seq) {
                     Ok(s) => reg.seq = s,
@@ -395,203 +411,27 @@ impl Actor {
                 }
             }
         }
-        if failure.is_none() && next != self.state {
-            if let Err(e) = self.commit(next).await {
-                tracing::error!(
-                    site = %self.config.site, desk = self.config.desk,
-                    error = %e, "check-ins not recorded: state could not be saved"
-                );
-                failure = Some(Failure::Store(e.to_string()));
-            } else {
-                self.publish_local();
+        if failure.is_none()
+            && changed_any
+            && let Err(e) = self.save().await
+        {
+            tracing::error!(
+                site = %self.config.site, desk = self.config.desk,
+                error = %e, "check-ins not recorded: state could not be saved"
+            );
+            failure = Some(Failure::Store(e.to_string()));
+        }
+        if failure.is_some() {
+            for (session, u) in undo {
+                u.restore(&mut self.state, session);
             }
+        } else {
+            self.publish_local();
         }
         for r in replies {
             r(failure.clone());
         }
         reconnect
-    }
-
-    /// Reconciles local state with what the aggregator holds (all or nothing: saved first).
-    async fn on_resume(&mut self, resume: Resume) -> Result<(), ReporterError> {
-        let mut next = self.state.clone();
-        // Only what this aggregator holds now counts as settled: after a restart that lost
-        // state, sessions it does not mention are resent in full.
-        let mut settled = BTreeMap::new();
-        let (site, desk) = (self.config.site.clone(), self.config.desk);
-        for reg in &resume.registers {
-            let local = next.sessions.entry(reg.session).or_default();
-            if !self.state.anchored {
-                // Fresh install: local counts are check-ins since then, on top of the aggregator's
-                // (unless a correction set the agent's absolute count).
-                if !local.absolute {
-                    local.count = local.count.saturating_add(reg.count);
-                }
-                local.seq = if local.seq > 0 { bump(reg.session, reg.seq)? } else { reg.seq };
-            } else if reg.seq > local.seq {
-                tracing::warn!(
-                    site = %site, desk, session = reg.session, local_seq = local.seq, server_seq = reg.seq,
-                    "aggregator holds a newer state than this agent; adopting it (state file restored from an old copy, \
-                     or another agent with the same install id or desk?)"
-                );
-                local.seq = reg.seq;
-                local.count = reg.count;
-                local.reason = None;
-            } else if reg.seq == local.seq && reg.count != local.count {
-                tracing::error!(
-                    site = %site, desk, session = reg.session, seq = reg.seq, local = local.count, server = reg.count,
-                    "same seq, different count (another writer on this register); re-sending the local count with a newer seq"
-                );
-                local.seq = bump(reg.session, local.seq)?;
-            }
-            settled.insert(reg.session, reg.seq.min(local.seq));
-        }
-        next.anchored = true;
-        for reg in next.sessions.values_mut() {
-            reg.absolute = false;
-        }
-        if !resume.schedule.is_empty() {
-            next.schedule = resume
-                .schedule
-                .iter()
-                .map(|s| ScheduledSession {
-                    id: s.id,
-                    name: s.name.clone(),
-                    starts_unix_ms: s.starts_unix_ms,
-                    ends_unix_ms: s.ends_unix_ms,
-                    time_zone: s.time_zone.clone(),
-                })
-                .collect();
-        }
-        if next != self.state {
-            self.commit(next).await?;
-        }
-        self.settled = settled;
-        let schedule = self.state.schedule.clone();
-        self.status.send_modify(|s| {
-            s.acked = resume.registers.iter().map(|r| (r.session, (r.seq, r.count))).collect();
-            s.agent_slot = resume.agent_slot;
-            s.site_agents = resume.site_agents;
-            s.desk_agents = resume.desk_agents;
-            s.schedule = schedule;
-        });
-        if resume.desk_agents > 1 || resume.site_agents > 1 {
-            tracing::warn!(
-                site = %site, desk, slot = resume.agent_slot, site_agents = resume.site_agents,
-                desk_agents = resume.desk_agents,
-                "other agent installs also report for this site; each has its own register and all are counted"
-            );
-        }
-        self.publish_local();
-        Ok(())
-    }
-
-    /// Reconciles an ack: settles what it covers, detects another writer's state, rebases after
-    /// conflicts and undoes refused changes — saved before anything changes in memory.
-    async fn on_ack(&mut self, ack: Ack) {
-        let mut next = self.state.clone();
-        let mut settled = self.settled.clone();
-        let mut refused = 0u64;
-        let mut foreign = 0u64;
-        let mut failure: Option<ReporterError> = None;
-        let (site, desk) = (self.config.site.clone(), self.config.desk);
-        let mut answered: Vec<(u32, u64)> = Vec::new();
-        for a in &ack.applied {
-            let Some(reg) = next.sessions.get_mut(&a.session) else { continue };
-            let s = settled.entry(a.session).or_default();
-            if a.seq > reg.seq || (a.seq == reg.seq && a.count != reg.count) {
-                // Not our state: another writer moved this register. Our count is this agent's
-                // truth; re-send it above their seq instead of taking their state as our ack.
-                tracing::error!(
-                    site = %site, desk, session = a.session, seq = a.seq, count = a.count, local_seq = reg.seq,
-                    local = reg.count, "another writer's state on this agent's register; re-sending the local count"
-                );
-                foreign += 1;
-                match bump(a.session, a.seq.max(reg.seq)) {
-                    Ok(seq) => reg.seq = seq,
-                    Err(e) => failure = Some(e),
-                }
-                *s = (*s).max(a.seq.min(reg.seq.saturating_sub(1)));
-            } else {
-                *s = (*s).max(a.seq);
-                if reg.seq <= a.seq {
-                    reg.reason = None;
-                }
-            }
-            answered.push((a.session, a.seq));
-        }
-        for r in &ack.rejections {
-            let code = Code::from_i32(r.code);
-            let Some(reg) = next.sessions.get_mut(&r.session) else { continue };
-            if code == Code::Aborted {
-                // Conflict: another count at our seq. Our count is this agent's truth; move past.
-                if let Some(cur) = &r.current {
-                    tracing::error!(site = %site, desk, session = r.session, seq = r.seq, "conflict; re-sending with a newer seq");
-                    match bump(r.session, reg.seq.max(cur.seq)) {
-                        Ok(seq) => reg.seq = seq,
-                        Err(e) => failure = Some(e),
-                    }
-                }
-            } else {
-                // Refused for good: undo that report's change, keep what came after it, and
-                // never send its content again (e.g. a reason the aggregator does not accept).
-                refused += 1;
-                let (cur_seq, cur_count) = r.current.as_ref().map_or((0, 0), |c| (c.seq, c.count));
-                let sent = self.conn.as_ref().and_then(|c| c.in_flight.get(&(r.session, r.seq)).copied());
-                let since = sent.map_or(0, |sent| reg.count - sent);
-                let count = (cur_count + since).max(0);
-                tracing::error!(
-                    site = %site, desk, session = r.session, seq = r.seq, code = ?code, message = %r.message,
-                    lost = sent.map_or(0, |s| s - cur_count), "report refused by the aggregator; its change is undone"
-                );
-                reg.count = count;
-                reg.reason = None;
-                let s = settled.entry(r.session).or_default();
-                match bump(r.session, reg.seq.max(cur_seq)) {
-                    Ok(seq) => {
-                        reg.seq = seq;
-                        // Nothing left to send when the aggregator already holds this count.
-                        *s = if count == cur_count { seq } else { (*s).max(r.seq) };
-                    }
-                    Err(e) => failure = Some(e),
-                }
-            }
-            answered.push((r.session, r.seq));
-        }
-        if let Some(e) = failure {
-            self.set_fatal(format!("{e}; ask the aggregator's operator"));
-            return;
-        }
-        let last_error = ack.rejections.last().map(|r| format!("session {} seq {}: {}", r.session, r.seq, r.message));
-        if next != self.state
-            && let Err(e) = self.commit(next).await
-        {
-            tracing::error!(site = %site, desk, error = %e, "cannot save the reconciled state; reconnecting to retry");
-            self.set_error(e.to_string());
-            self.conn = None;
-            return;
-        }
-        self.settled = settled;
-        if let Some(conn) = &mut self.conn {
-            for (session, seq) in answered {
-                conn.in_flight.retain(|(s, q), _| *s != session || *q > seq);
-            }
-        }
-        self.status.send_modify(|s| {
-            for a in &ack.applied {
-                let e = s.acked.entry(a.session).or_insert((0, 0));
-                if a.seq >= e.0 {
-                    *e = (a.seq, a.count);
-                }
-            }
-            s.rejections += ack.rejections.len() as u64;
-            s.refused += refused;
-            s.foreign += foreign;
-            if last_error.is_some() {
-                s.last_error = last_error;
-            }
-        });
-        self.publish_local();
     }
 
     /// Sends every session whose latest state is neither acknowledged nor in flight.
@@ -637,6 +477,45 @@ impl Actor {
             }
         }
     }
+}
+
+/// A register as it was before a group commit touched it, and the badges the group added.
+struct Undo {
+    /// `None`: the session had no register.
+    before: Option<LocalRegister>,
+    added: Vec<String>,
+}
+
+impl Undo {
+    fn restore(self, state: &mut LocalState, session: u32) {
+        match self.before {
+            None => {
+                state.sessions.remove(&session);
+            }
+            Some(b) => {
+                if let Some(reg) = state.sessions.get_mut(&session) {
+                    for badge in &self.added {
+                        reg.badges.remove(badge);
+                    }
+                    (reg.seq, reg.count, reg.reason, reg.absolute) = (b.seq, b.count, b.reason, b.absolute);
+                }
+            }
+        }
+    }
+}
+
+/// The register of `session`, noting its state before the group's first change of it.
+fn touch<'a>(state: &'a mut LocalState, undo: &mut BTreeMap<u32, Undo>, session: u32) -> &'a mut LocalRegister {
+    undo.entry(session).or_insert_with(|| Undo {
+        // Everything but the badges (restored from `added`).
+        before: state.sessions.get(&session).map(|r| LocalRegister {
+            badges: Default::default(),
+            reason: r.reason.clone(),
+            ..*r
+        }),
+        added: Vec::new(),
+    });
+    state.sessions.entry(session).or_default()
 }
 
 /// Why a group commit recorded nothing (told to every command of the group).

@@ -13,6 +13,7 @@
 
 mod actor;
 pub mod backoff;
+mod reconcile;
 pub mod state;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -326,6 +327,13 @@ impl Reporter {
     /// was saved stays saved). For fault injection in tests and simulations.
     pub fn kill(self) {
         self.task.abort();
+    }
+
+    /// [`Reporter::kill`], then waits until the task is gone (its last poll finished): after this
+    /// nothing of it runs any more, as after a process crash.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 
     /// Stops the reporter (state is already persisted) and waits for its task.

@@ -116,6 +116,11 @@ impl Agent {
         &self.reporter
     }
 
+    /// The reporter, ending the agent (to shut it down or, in tests, kill it).
+    pub fn into_reporter(self) -> Reporter {
+        self.reporter
+    }
+
     /// The session a check-in now belongs to.
     pub fn session_now(&self) -> Result<u32, schedule::ScheduleError> {
         schedule::current(&self.reporter.status().schedule, self.session, now_ms())

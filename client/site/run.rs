@@ -9,7 +9,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{Agent, ExitStatus, Mode, describe, follow::follow, schedule};
+use super::{Agent, ExitStatus, Mode, describe, follow::follow};
 
 /// Inputs and timings of a run.
 #[derive(Debug, Clone)]
@@ -26,6 +26,19 @@ pub struct RunOptions {
     pub start_timeout: Duration,
     /// How long to wait for the last acknowledgement at the end.
     pub flush_timeout: Duration,
+    /// Where to read the site's total over all its agents at the end (the site token may read).
+    pub site_totals: Option<SiteTotals>,
+}
+
+/// How the agent reads its site's total at the aggregator (every agent install of the site).
+#[derive(Debug, Clone)]
+pub struct SiteTotals {
+    /// A channel to the aggregator.
+    pub channel: tonic::transport::Channel,
+    /// The site token.
+    pub token: String,
+    /// The site id.
+    pub site: String,
 }
 
 /// Where operator lines go (stdout in the binary; a buffer in tests).
@@ -63,10 +76,6 @@ pub async fn run(
         Ok(s) => {
             let how = if agent.session.is_some() { "(--session)" } else { "(by the schedule)" };
             out(format!("session {} {how}", reporter.status().session_name(s)));
-        }
-        Err(e @ schedule::ScheduleError::Unknown { .. }) => {
-            out(format!("STOPPED: {e}"));
-            return ExitStatus::Permanent;
         }
         Err(e) => {
             out(format!("STOPPED: {e}"));
@@ -126,6 +135,9 @@ pub async fn run(
     watcher.abort();
     let status = agent.exit_status(&flushed);
     summary(&agent, &flushed, status, &out);
+    if let Some(t) = &opts.site_totals {
+        site_totals(&agent, t, &out).await;
+    }
     status
 }
 
@@ -180,17 +192,17 @@ async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode
 /// Prints connection changes and warnings as they happen.
 async fn show_status(agent: Arc<Agent>, out: Out) {
     let mut rx = agent.reporter().watch_status();
-    let (mut connected, mut agents, mut foreign, mut refused) = (false, 0u32, 0u64, 0u64);
+    let (mut connected, mut agents, mut foreign, mut refused) = (None, 0u32, 0u64, 0u64);
     loop {
         let st = rx.borrow_and_update().clone();
-        if st.connected != connected {
-            connected = st.connected;
-            if connected {
+        if connected != Some(st.connected) {
+            connected = Some(st.connected);
+            if st.connected {
                 out(format!("connected to the aggregator (this agent's register slot: {})", st.agent_slot));
             } else {
                 out(format!(
                     "NOT CONNECTED: {} — check-ins are kept in the state file and sent on reconnect",
-                    st.last_error.clone().unwrap_or_else(|| "connection lost".into())
+                    st.last_error.clone().unwrap_or_else(|| "connecting".into())
                 ));
             }
         }
@@ -256,4 +268,30 @@ fn summary(agent: &Agent, flushed: &Result<(), crate::client::ReporterError>, st
         (ExitStatus::NotAcknowledged, Ok(())) => "NOT ACKNOWLEDGED".to_owned(),
     };
     out(verdict);
+}
+
+/// Prints the site's total per session at the aggregator: the sum over every agent of the site,
+/// so an operator sees when another agent also counts for it.
+async fn site_totals(agent: &Agent, t: &SiteTotals, out: &Out) {
+    use crate::proto::v1::{Scope, ScopeKind, TotalsRequest, totals_client::TotalsClient};
+    let st = agent.reporter().status();
+    let mut client = TotalsClient::new(t.channel.clone());
+    for session in st.local.keys() {
+        let scope = Scope { kind: ScopeKind::Site as i32, id: t.site.clone() };
+        let Ok(req) =
+            crate::client::connect::authorized(TotalsRequest { scope: Some(scope), session: Some(*session) }, &t.token)
+        else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_secs(5), client.get_totals(req)).await {
+            Ok(Ok(r)) => out(format!(
+                "site {} session {}: {} checked in at the aggregator (all agents of the site)",
+                t.site,
+                st.session_name(*session),
+                r.into_inner().count
+            )),
+            Ok(Err(e)) => out(format!("cannot read the site's total: {}", e.message())),
+            Err(_) => out("cannot read the site's total: no answer within 5 s".into()),
+        }
+    }
 }

@@ -1,9 +1,12 @@
 //! Which session a check-in belongs to: the one given with `--session`, or the current one of the
 //! event's schedule (which the aggregator sends in every resume).
 //!
-//! A session is current from the end of the session before it (check-in opens early: the bursts
-//! come in the hour before the start) until its own end. After the last session's end there is
-//! no current session. Times are Unix milliseconds, so no time-zone arithmetic happens here; the
+//! The current session follows the one rule the aggregator and the dashboard use too
+//! ([`crate::proto::schedule`]: the running session; else the next one within an hour of its
+//! start; else the latest started one, so late arrivals still count for it). One addition for
+//! the agent, which is started before the event: before the first session's early check-in
+//! window opens, a badge counts for the first session rather than being refused. Times are Unix
+//! milliseconds, so no time-zone arithmetic happens here; the
 //! schedule's time zone is shown to the operator with the times (formatted with `jiff` on the
 //! aggregator side).
 
@@ -20,7 +23,7 @@ pub enum ScheduleError {
         /// Known, for the message.
         known: String,
     },
-    /// The schedule has no times (or the event is over), and no `--session` was given.
+    /// The schedule has no times, and no `--session` was given.
     #[error("no session is running now by the event's schedule (sessions: {0}); pass --session ID")]
     NoCurrent(String),
 }
@@ -40,8 +43,8 @@ pub fn list(schedule: &[ScheduledSession]) -> String {
 /// let s = |id, starts_unix_ms, ends_unix_ms| ScheduledSession { id, starts_unix_ms, ends_unix_ms, ..Default::default() };
 /// let day = [s(1, 1_000, 2_000), s(2, 3_000, 4_000)];
 /// assert_eq!(current(&day, None, 500), Ok(1)); // before the start: check-in is open
-/// assert_eq!(current(&day, None, 2_500), Ok(2)); // between sessions: the next one
-/// assert!(current(&day, None, 4_500).is_err()); // after the last
+/// assert_eq!(current(&day, None, 2_500), Ok(2)); // between sessions, within the hour before: the next one
+/// assert_eq!(current(&day, None, 4_500), Ok(2)); // after the last: late arrivals count for it
 /// assert_eq!(current(&day, Some(2), 500), Ok(2));
 /// assert!(current(&day, Some(3), 500).is_err());
 /// ```
@@ -52,11 +55,15 @@ pub fn current(schedule: &[ScheduledSession], fixed: Option<u32>, now_ms: i64) -
         }
         return Err(ScheduleError::Unknown { session, known: list(schedule) });
     }
-    let mut timed: Vec<&ScheduledSession> = schedule.iter().filter(|s| s.starts_unix_ms > 0).collect();
-    timed.sort_by_key(|s| s.starts_unix_ms);
-    timed
+    let windows = schedule.iter().map(|s| (s.starts_unix_ms, s.ends_unix_ms));
+    if let Some(i) = crate::proto::schedule::current_index(windows, now_ms) {
+        return Ok(schedule[i].id);
+    }
+    // Before the event: the first scheduled session.
+    schedule
         .iter()
-        .find(|s| s.ends_unix_ms == 0 || now_ms < s.ends_unix_ms)
+        .filter(|s| s.starts_unix_ms > 0)
+        .min_by_key(|s| s.starts_unix_ms)
         .map(|s| s.id)
         .ok_or_else(|| ScheduleError::NoCurrent(list(schedule)))
 }

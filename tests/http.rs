@@ -403,6 +403,30 @@ async fn live_feed_sends_a_snapshot_then_updates_serialised_once_for_every_viewe
     let frames = metric(&scrape(base.clone()).await, "headcount_sse_frames_total", &[]) - frames_before;
     assert!((1.0..VIEWERS as f64).contains(&frames), "{frames} frames serialised for {VIEWERS} viewers of one change");
 
+    // A live request on a connection that served another request first (the router's path,
+    // not the hand-served one) gets the same frames.
+    let shared = client();
+    let meta = within("meta", shared.get(format!("{base}/api/meta")).bearer_auth(&token).send()).await.expect("meta");
+    assert_eq!(meta.status(), StatusCode::OK);
+    within("meta body", meta.bytes()).await.expect("drain meta");
+    let mut r = within("live", shared.get(format!("{base}/api/live?session=1")).bearer_auth(&token).send())
+        .await
+        .expect("live");
+    assert_eq!(r.status(), StatusCode::OK);
+    let f = next_frame(&mut r, &mut String::new(), |_| true).await;
+    assert_eq!(f["national"]["count"], Value::from(want));
+    drop(r);
+    // Errors on the hand-served path are proper HTTP answers.
+    for (q, token, want) in [
+        ("/api/live?session=9", Some(token.as_str()), StatusCode::NOT_FOUND),
+        ("/api/live?session=x", Some(token.as_str()), StatusCode::BAD_REQUEST),
+        ("/api/live", None, StatusCode::UNAUTHORIZED),
+    ] {
+        let (status, body) = get(&format!("{base}{q}"), token).await;
+        assert_eq!(status, want, "{q}: {body}");
+        assert!(serde_json::from_str::<Value>(&body).is_ok_and(|v| v["error"].is_string()), "{q}: {body}");
+    }
+
     // National-only topic: no province table.
     let mut r = open_sse(&format!("{base}/api/live?provinces=false"), &token).await;
     let f = next_frame(&mut r, &mut String::new(), |_| true).await;

@@ -47,6 +47,9 @@ pub struct SseReport {
     pub throughput_ratio: f64,
     /// Probe report sent → seen by a viewer (every viewer, every probe).
     pub freshness: Latency,
+    /// Probe report acknowledged → seen by a viewer: the fan-out alone, without the ingest
+    /// queueing a saturated aggregator adds before applying the probe.
+    pub freshness_after_ack: Latency,
     /// The aggregator's publish tick, ms (the freshness budget is tick + 50 ms).
     pub publish_tick_ms: u64,
 }
@@ -77,7 +80,9 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
     let rss_before = server.memory().0;
     let epoch = Instant::now();
     let probes = (args.duration.as_millis() / PROBE_EVERY.as_millis()) as usize + 16;
-    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..probes).map(|_| AtomicU64::new(0)).collect());
+    // Per probe: [sent, acknowledged], µs since `epoch` (0: not yet).
+    let sent: Arc<Vec<[AtomicU64; 2]>> =
+        Arc::new((0..probes).map(|_| [AtomicU64::new(0), AtomicU64::new(0)]).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicU64::new(0));
     let token = ctx.auth.read_token("bench-sse");
@@ -91,13 +96,17 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
                 let (sent, stop, ready, token) = (sent.clone(), stop.clone(), ready.clone(), token.clone());
                 set.spawn(async move { viewer(http, &token, sent, epoch, stop, ready).await });
             }
-            let mut h = histogram();
+            let (mut from_send, mut from_ack) = (histogram(), histogram());
             while let Some(r) = set.join_next().await {
-                for v in r.unwrap_or_default() {
-                    let _ = h.record(u64::from(v).max(1));
+                let (a, b) = r.unwrap_or_default();
+                for v in a {
+                    let _ = from_send.record(u64::from(v).max(1));
+                }
+                for v in b {
+                    let _ = from_ack.record(u64::from(v).max(1));
                 }
             }
-            h
+            (from_send, from_ack)
         })?
     };
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -127,7 +136,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
         .map_err(|e| BenchError::Mismatch(format!("probe thread: {e}")))??
         .map_err(|e| BenchError::Mismatch(format!("freshness probe: {e}")))?;
     stop.store(true, Relaxed);
-    let h = tokio::task::spawn_blocking(move || join_thread(watching))
+    let (h, h_ack) = tokio::task::spawn_blocking(move || join_thread(watching))
         .await
         .map_err(|e| BenchError::Mismatch(format!("viewer thread: {e}")))??;
     let secs = args.duration.as_secs_f64().max(1e-9);
@@ -139,6 +148,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
         applied_per_second_watched: watched,
         throughput_ratio: if alone > 0.0 { watched / alone } else { 0.0 },
         freshness: summarize(&h),
+        freshness_after_ack: summarize(&h_ack),
         publish_tick_ms: 250,
     })
 }
@@ -207,19 +217,20 @@ async fn drive(
 }
 
 /// Every `PROBE_EVERY`: notes the time, then raises site 0's count by `PROBE_STEP`.
-async fn run_probe(mut s: RawStream, sent: Arc<Vec<AtomicU64>>, epoch: Instant, duration: Duration) {
+async fn run_probe(mut s: RawStream, sent: Arc<Vec<[AtomicU64; 2]>>, epoch: Instant, duration: Duration) {
     let base = s.resumed.iter().map(|r| r.1).max().unwrap_or(0);
     let started = Instant::now();
     for k in 1..sent.len() {
         if started.elapsed() >= duration {
             break;
         }
-        sent[k].store(epoch.elapsed().as_micros() as u64, Relaxed);
+        sent[k][0].store(epoch.elapsed().as_micros() as u64, Relaxed);
         let report = Report { session: 1, seq: base + k as u64, count: k as i64 * PROBE_STEP, reason: String::new() };
         let msg = ReportRequest { kind: Some(report_request::Kind::Batch(ReportBatch { reports: vec![report] })) };
         if s.tx.send(msg).await.is_err() || s.rx.message().await.is_err() {
             break;
         }
+        sent[k][1].store(epoch.elapsed().as_micros() as u64, Relaxed);
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
@@ -229,12 +240,12 @@ async fn run_probe(mut s: RawStream, sent: Arc<Vec<AtomicU64>>, epoch: Instant, 
 async fn viewer(
     http: SocketAddr,
     token: &str,
-    sent: Arc<Vec<AtomicU64>>,
+    sent: Arc<Vec<[AtomicU64; 2]>>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
     ready: Arc<AtomicU64>,
-) -> Vec<u32> {
-    let mut seen = Vec::new();
+) -> (Vec<u32>, Vec<u32>) {
+    let (mut seen, mut after_ack) = (Vec::new(), Vec::new());
     let mut sock = None;
     for _ in 0..100 {
         match tokio::net::TcpStream::connect(http).await {
@@ -245,12 +256,12 @@ async fn viewer(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    let Some(mut sock) = sock else { return seen };
+    let Some(mut sock) = sock else { return (seen, after_ack) };
     let req = format!(
         "GET /api/live?session=all&provinces=false HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
     );
     if sock.write_all(req.as_bytes()).await.is_err() {
-        return seen;
+        return (seen, after_ack);
     }
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     let mut chunk = [0u8; 2048];
@@ -271,9 +282,16 @@ async fn viewer(
                 let k = (count / PROBE_STEP).max(0) as usize;
                 let now = epoch.elapsed().as_micros() as u64;
                 for j in (last_k + 1)..=k.min(sent.len() - 1) {
-                    let t = sent[j].load(Relaxed);
-                    if t > 0 {
-                        seen.push(now.saturating_sub(t).min(u64::from(u32::MAX)) as u32);
+                    let micros = |t: u64| now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;
+                    let (t_sent, t_ack) = (sent[j][0].load(Relaxed), sent[j][1].load(Relaxed));
+                    if t_sent > 0 {
+                        seen.push(micros(t_sent));
+                    }
+                    // The frame can beat the ack to the probe; then the fan-out took no time.
+                    if t_ack > 0 {
+                        after_ack.push(micros(t_ack));
+                    } else if t_sent > 0 {
+                        after_ack.push(0);
                     }
                 }
                 last_k = last_k.max(k);
@@ -281,7 +299,7 @@ async fn viewer(
             buf.drain(..end + 2);
         }
     }
-    seen
+    (seen, after_ack)
 }
 
 /// The national count in an SSE frame (`"national":{…"count":N`).
@@ -297,13 +315,14 @@ fn national_count(frame: &[u8]) -> Option<i64> {
 pub fn print(r: &SseReport, out: &mut impl std::io::Write) {
     let _ = writeln!(
         out,
-        "SSE viewers: {}, {:.0} B server memory per viewer; freshness p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({} samples, tick {} ms); ingest {:.0}/s alone, {:.0}/s watched (ratio {:.2})",
+        "SSE viewers: {}, {:.0} B server memory per viewer; freshness (sent → seen) p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({} samples; acked → seen p99 {:.1} ms; tick {} ms); ingest {:.0}/s alone, {:.0}/s watched (ratio {:.2})",
         r.viewers,
         r.bytes_per_viewer,
         r.freshness.p50_ms,
         r.freshness.p99_ms,
         r.freshness.max_ms,
         r.freshness.samples,
+        r.freshness_after_ack.p99_ms,
         r.publish_tick_ms,
         r.applied_per_second_alone,
         r.applied_per_second_watched,

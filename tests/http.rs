@@ -209,6 +209,12 @@ async fn access_takes_a_cookie_or_a_bearer_token_and_lobby_mode_opens_only_natio
         .await
         .expect("GET");
     assert_eq!(r.status(), StatusCode::OK);
+    let out = within("POST /logout", client().post(format!("{base}/logout")).header(header::COOKIE, &pair).send())
+        .await
+        .expect("POST /logout");
+    assert!(out.status().is_redirection());
+    let cleared = out.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(cleared.starts_with("headcount_token=;") && cleared.contains("Max-Age=0"), "{cleared}");
     for asset in ["app.js", "app.css"] {
         let (status, body) = get(&format!("{base}/assets/{asset}"), None).await;
         assert_eq!(status, StatusCode::OK, "{asset}");

@@ -116,7 +116,7 @@ pub fn thousands(n: i64) -> String {
         out.push('-');
     }
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -139,7 +139,7 @@ pub fn summary_line(t: &ScopeTotals) -> String {
     )
 }
 
-/// The children of a scope as an aligned text table.
+/// The children's table (a header line, then one line per child).
 pub fn table(children: &[ScopeTotals]) -> String {
     let mut out = format!(
         "{:<10} {:<32} {:>12} {:>12} {:>8} {:>15}\n",

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use super::{
     connect::{ConnectError, authorized, endpoint},
     dashboard::thousands,
+    limits::{FD_RESERVE, check_ports, check_streams_per_connection, ensure_open_files},
     reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
 };
 use crate::{
@@ -247,6 +248,8 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         return Err(SimulateError::Args("--sites, --ticks-per-second and --sites-per-connection must be > 0".into()));
     }
     let registry = generate(&GenerateOptions { sites: args.sites, seed: args.seed, ..GenerateOptions::default() });
+    let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
+    check_limits(args, &registry, &transport)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let plan = plan(&registry, args, &mut rng);
     let secret: [u8; 32] = rng.random();
@@ -266,7 +269,6 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
             .map_err(|e| SimulateError::Args(format!("cannot open the data directory: {e}")))?
             .0
     };
-    let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
     let server = RunningServer::start(
         "127.0.0.1:0".parse().map_err(|_| SimulateError::Args("addr".into()))?,
         agg,
@@ -416,6 +418,45 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     let _ = server.stop().await;
     tracing::info!(elapsed = ?start.elapsed(), "stopped");
     Ok(report)
+}
+
+/// Refuses at once a run the aggregator or the machine cannot carry: more desk streams on one
+/// connection than the aggregator admits, more open files (both ends of every connection live in
+/// this process) than `RLIMIT_NOFILE` allows after raising the soft limit to the hard one, more
+/// connections than ephemeral ports.
+fn check_limits(args: &SimulateArgs, registry: &Registry, transport: &Transport) -> Result<(), SimulateError> {
+    let per_conn = if args.connection_per_site { 1 } else { args.sites_per_connection as usize };
+    let busiest = registry
+        .sites
+        .chunks(per_conn)
+        .map(|sites| sites.iter().map(|s| u64::from(s.desks)).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    let most_desks = registry.sites.iter().map(|s| u64::from(s.desks)).max().unwrap_or(1).max(1);
+    check_streams_per_connection(
+        busiest,
+        transport.max_streams_per_connection,
+        &format!("--sites-per-connection {} (one stream per desk)", args.sites_per_connection),
+        &format!(
+            "Use --sites-per-connection {} or fewer.",
+            (u64::from(transport.max_streams_per_connection) / most_desks).max(1)
+        ),
+    )
+    .map_err(|e| SimulateError::Args(e.to_string()))?;
+    let connections = registry.sites.len().div_ceil(per_conn) as u64;
+    let what = if args.connection_per_site {
+        format!("--connection-per-site ({connections} connections, both ends in this process)")
+    } else {
+        format!("{connections} connections (both ends in this process)")
+    };
+    let fix = if args.connection_per_site {
+        "drop --connection-per-site (sites then share connections, --sites-per-connection)."
+    } else {
+        "raise --sites-per-connection."
+    };
+    ensure_open_files(2 * connections + FD_RESERVE, &what, fix).map_err(|e| SimulateError::Args(e.to_string()))?;
+    check_ports(connections, &what, fix).map_err(|e| SimulateError::Args(e.to_string()))?;
+    Ok(())
 }
 
 /// Feeds one desk's arrivals to its reporter on each tick, session after session.

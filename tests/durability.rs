@@ -472,7 +472,17 @@ async fn interrupted_snapshot_is_ignored_and_corrupt_snapshot_refuses_start() {
     bytes[mid] ^= 0xff;
     std::fs::write(&snap, &bytes).expect("corrupt snapshot");
     let stderr = h.start_failing();
-    assert!(stderr.contains("corrupt") && stderr.contains("Move it out"), "unclear error: {stderr}");
+    assert!(
+        stderr.contains("corrupt")
+            && stderr.contains("Move this file out")
+            && stderr.contains(&*snap.to_string_lossy()),
+        "unclear error: {stderr}"
+    );
+    // The way out the message gives: move the corrupt snapshot aside; the previous generation
+    // (older snapshot or the journals from the start) still holds everything.
+    std::fs::rename(&snap, h.dir.path().join("corrupt.snap")).expect("move the snapshot aside");
+    let server = h.start().await;
+    assert_eq!(scope_count(&server.url(), ScopeKind::National, "", None).await, total, "state after moving it aside");
     drop(desks);
 }
 

@@ -21,8 +21,11 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    BenchArgs, BenchError, Ctx, Latency, RawStream, channels, histogram, join_thread, on_own_thread, open, open_all,
-    process::ServerProcess, summarize,
+    BenchArgs, BenchError, Ctx,
+    latency::{Latency, histogram, summarize},
+    probes::{join_thread, on_own_thread},
+    process::ServerProcess,
+    streams::{RawStream, channels, open, open_all},
 };
 use crate::client::connect::endpoint;
 use crate::proto::v1::{Report, ReportBatch, ReportRequest, report_request, report_response};
@@ -70,7 +73,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
     let chans = channels(&url, args.connections.max(1))?;
     let (mut open_streams, _) = open_all(ctx, &chans, streams, &AtomicU64::new(0)).await?;
     let window = args.window.max(1) as usize;
-    let rpb = args.reports_per_batch.max(1) as usize;
+    let rpb = args.batch_size().max(1) as usize;
     let sessions: Vec<u32> = ctx.registry.sessions.iter().map(|s| s.id).collect();
 
     let (back, alone) = drive(open_streams, window, rpb, &sessions, args.duration).await;
@@ -147,8 +150,8 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
         applied_per_second_alone: alone,
         applied_per_second_watched: watched,
         throughput_ratio: if alone > 0.0 { watched / alone } else { 0.0 },
-        freshness: summarize(&h),
-        freshness_after_ack: summarize(&h_ack),
+        freshness: summarize(&h, 0),
+        freshness_after_ack: summarize(&h_ack, 0),
         publish_tick_ms: 250,
     })
 }
@@ -201,9 +204,9 @@ async fn drive(
                     _ => break,
                 }
             }
-            s.resumed = s.resumed.iter().map(|&(k, _)| (k, seq)).collect();
+            s.resumed = s.resumed.iter().map(|&(k, _, c)| (k, seq, c)).collect();
             if s.resumed.is_empty() {
-                s.resumed.push((sessions[0], seq));
+                s.resumed.push((sessions[0], seq, 0));
             }
             (s, applied)
         });

@@ -22,16 +22,25 @@ async fn main() -> ExitCode {
     match run(cli.server).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Once: through the log (stderr), in the chosen format.
-            tracing::error!(error = %e, "headcount-server stopped");
+            // Once: through the log (stderr, in the chosen format) when it shows errors, else
+            // plainly — a fatal error is never silenced by RUST_LOG.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!(error = %e, "headcount-server stopped");
+            } else {
+                eprintln!("headcount-server: {e}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(args: ServerArgs) -> Result<(), String> {
+    args.validate().map_err(|e| e.to_string())?;
+    // Crash points for tests; inert unless FAILPOINTS names them.
+    headcount::server::durability::failpoints::configure_from_env()?;
     let auth = Auth::new(args.auth_secret.as_bytes()).map_err(|e| e.to_string())?;
     let registry = args.registry().map_err(|e| e.to_string())?;
+    args.validate_for(&registry).map_err(|e| e.to_string())?;
     tracing::info!(
         sites = registry.sites.len(),
         communes = registry.communes.len(),

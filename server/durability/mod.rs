@@ -7,27 +7,33 @@
 //! covering its batch is durable ("acked means durable"). Periodically, and on shutdown, it
 //! rotates the journal and writes a snapshot, which retires older journals.
 
+pub mod failpoints;
+pub mod fs;
+pub mod journal;
 pub mod record;
+pub mod recover;
+pub mod snapshot;
 pub mod store;
-
 use std::{
     path::PathBuf,
     sync::{
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use sha2::{Digest, Sha256};
+use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use self::{
+    failpoints::crash_point,
+    fs::Io,
     record::Record,
-    store::{Journal, write_snapshot},
+    store::{DirLock, Journal, write_snapshot},
 };
-use super::{aggregator::Aggregator, registry::Registry};
+use super::registers::{Register, RegisterKey};
 
 /// Channels the durable flush number is published on.
 const DURABLE_SHARDS: usize = 64;
@@ -71,11 +77,11 @@ pub struct Durability {
     /// The flusher thread, joined on close.
     join: Mutex<Option<JoinHandle<()>>>,
     config: DurabilityConfig,
-    fingerprint: [u8; 32],
 }
 
 impl Durability {
-    pub(crate) fn new(config: DurabilityConfig, fingerprint: [u8; 32]) -> Self {
+    /// Shared state for a data directory (the flusher is started by [`start`]).
+    pub fn new(config: DurabilityConfig) -> Self {
         Self {
             started: AtomicU64::new(0),
             durable: (0..DURABLE_SHARDS).map(|_| watch::Sender::new(0)).collect(),
@@ -84,7 +90,6 @@ impl Durability {
             stop: AtomicBool::new(false),
             join: Mutex::new(None),
             config,
-            fingerprint,
         }
     }
 
@@ -98,9 +103,24 @@ impl Durability {
         self.durable[shard % DURABLE_SHARDS].subscribe()
     }
 
-    /// Queues a non-register record for the next flush.
+    /// Queues a non-register record for the next flush. Put what it records into the state a
+    /// snapshot reads (audit trail, curve) BEFORE queueing it: a snapshot taken in between must
+    /// not miss it, since the journal holding it may be deleted behind that snapshot.
     pub fn push(&self, rec: Record) {
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(rec);
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DurabilityConfig {
+        &self.config
+    }
+
+    /// Waits until everything applied before the call is durable. Errors when the journal stops
+    /// (shutdown) first.
+    pub async fn wait_durable(&self, shard: usize) -> Result<(), watch::error::RecvError> {
+        let target = self.target();
+        let mut rx = self.subscribe(shard);
+        rx.wait_for(|n| *n >= target).await.map(|_| ())
     }
 
     /// Asks the flusher to commit now.
@@ -111,35 +131,44 @@ impl Durability {
     }
 }
 
-/// SHA-256 of the registry's shape (site ids, desks, session ids): stored state is only valid
-/// for the registry it was written with.
-pub fn fingerprint(registry: &Registry) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for s in &registry.sites {
-        h.update(s.id.as_bytes());
-        h.update([0]);
-        h.update(s.desks.to_le_bytes());
-    }
-    for s in &registry.sessions {
-        h.update(s.id.to_le_bytes());
-    }
-    h.finalize().into()
+/// What the flusher needs from the state it makes durable (implemented by the aggregator; the
+/// durability layer does not know the aggregator).
+pub trait Source: Send + Sync + 'static {
+    /// Registers changed since the previous call, with their current state.
+    fn take_dirty(&self) -> Vec<(RegisterKey, Register)>;
+    /// The record of a register, keyed by ids.
+    fn register_record(&self, key: RegisterKey, reg: Register) -> Record;
+    /// Everything a snapshot holds: every register, the audit trail, the curve.
+    fn snapshot(&self) -> Vec<Record>;
+    /// Wakes `thread` when about `records` registers changed.
+    fn set_flusher(&self, thread: thread::Thread, records: usize);
 }
 
-/// Starts the flusher thread for an aggregator opened with durability.
-pub(crate) fn start(agg: &Aggregator, journal: Journal) -> std::io::Result<()> {
-    let Some(d) = agg.shared().durability.as_ref() else { return Ok(()) };
-    let a = agg.clone();
-    let handle = thread::Builder::new().name("headcount-flusher".into()).spawn(move || run(a, journal))?;
+/// What the flusher thread owns.
+pub struct Flusher {
+    /// Shared with the write path.
+    pub durability: Arc<Durability>,
+    /// The state.
+    pub source: Box<dyn Source>,
+    /// The files.
+    pub io: Arc<dyn Io>,
+    /// The open journal.
+    pub journal: Journal,
+    /// The directory's lock, released when the flusher ends.
+    pub lock: DirLock,
+}
+
+/// Starts the flusher thread.
+pub fn start(f: Flusher) -> std::io::Result<()> {
+    let d = f.durability.clone();
+    let handle = thread::Builder::new().name("headcount-flusher".into()).spawn(move || run(f))?;
     let _ = d.flusher.set(handle.thread().clone());
-    agg.shared().registers.set_flusher(handle.thread().clone(), d.config.flush_records);
     *d.join.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
     Ok(())
 }
 
 /// Final flush and snapshot, then joins the flusher (blocking; call off the async runtime).
-pub(crate) fn close(agg: &Aggregator) {
-    let Some(d) = agg.shared().durability.as_ref() else { return };
+pub fn close(d: &Durability) {
     d.stop.store(true, SeqCst);
     d.wake();
     let handle = d.join.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
@@ -150,49 +179,81 @@ pub(crate) fn close(agg: &Aggregator) {
     }
 }
 
-fn run(agg: Aggregator, mut journal: Journal) {
-    let Some(d) = agg.shared().durability.as_ref() else { return };
+/// Rounds of failed commits after which a stopping flusher gives up (sites keep what was not
+/// acknowledged and resend it).
+const STOP_ATTEMPTS: u32 = 3;
+/// First pause between attempts while the journal cannot be written; doubles up to
+/// [`RETRY_PAUSE_MAX`].
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between attempts.
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(3);
+
+fn run(mut f: Flusher) {
+    f.source.set_flusher(thread::current(), f.durability.config.flush_records);
+    let d = f.durability.clone();
+    // Not yet committed: the latest state per register and the queued records, kept across
+    // failed attempts (bounded by the number of registers, not by the report rate).
+    let mut registers: FxHashMap<RegisterKey, Register> = FxHashMap::default();
+    let mut extra: Vec<Record> = Vec::new();
     let mut buf = Vec::with_capacity(1 << 20);
     let mut last_snapshot = Instant::now();
+    let mut after_snapshot = false;
+    let mut failures = 0u32;
     let mut window = Instant::now();
     loop {
         let stopping = d.stop.load(SeqCst);
         if !stopping {
-            thread::park_timeout(d.config.flush_interval);
+            let pause = match failures {
+                0 => d.config.flush_interval,
+                n => RETRY_PAUSE.saturating_mul(1 << (n - 1).min(5)).min(RETRY_PAUSE_MAX),
+            };
+            thread::park_timeout(pause);
         }
         let n = d.started.fetch_add(1, SeqCst) + 1;
-        let dirty = agg.shared().registers.take_dirty();
+        registers.extend(f.source.take_dirty());
+        extra.append(&mut d.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let opened = std::mem::replace(&mut window, Instant::now());
-        let extra = std::mem::take(&mut *d.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        if !dirty.is_empty() || !extra.is_empty() {
-            let commit = Instant::now();
+        if !registers.is_empty() || !extra.is_empty() {
+            let commit_started = Instant::now();
             buf.clear();
-            for (key, reg) in &dirty {
-                Record::Register { key: key.packed(), seq: reg.seq, count: reg.count }.encode(&mut buf);
+            for (key, reg) in &registers {
+                f.source.register_record(*key, *reg).encode(&mut buf);
             }
             for rec in &extra {
                 rec.encode(&mut buf);
             }
-            // Until the write succeeds nothing is acknowledged; sites keep their state and resend.
-            let mut attempt = 0u32;
-            while let Err(e) = journal.append(&buf) {
-                attempt += 1;
-                tracing::error!(error = %e, attempt, "journal write failed; acks are held until it succeeds");
-                if d.stop.load(SeqCst) && attempt > 3 {
+            if let Err(e) = commit(&mut f.journal, &buf) {
+                failures += 1;
+                tracing::error!(
+                    error = %e, attempt = failures, records = registers.len() + extra.len(),
+                    "journal write failed; nothing is acknowledged until a new journal takes the whole group"
+                );
+                if stopping && failures >= STOP_ATTEMPTS {
+                    tracing::error!("giving up at shutdown; sites resend what was not acknowledged");
                     return;
                 }
-                thread::sleep(Duration::from_millis(100));
+                continue;
             }
-            metrics::histogram!("headcount_journal_commit_seconds").record(commit.elapsed());
+            failures = 0;
+            registers.clear();
+            extra.clear();
+            crash_point("flush-before-ack");
+            if after_snapshot {
+                crash_point("commit-after-snapshot");
+            }
+            metrics::histogram!("headcount_journal_commit_seconds").record(commit_started.elapsed());
             metrics::histogram!("headcount_ack_wait_seconds").record(opened.elapsed());
         }
         for tx in d.durable.iter() {
             tx.send_replace(n);
         }
         if stopping || last_snapshot.elapsed() >= d.config.snapshot_interval {
-            match snapshot(&agg, &mut journal) {
-                Ok(path) => tracing::info!(path = %path.display(), "snapshot written"),
-                Err(e) => tracing::error!(error = %e, "snapshot failed; journal kept"),
+            match snapshot(&mut f) {
+                Ok(path) => {
+                    tracing::info!(path = %path.display(), "snapshot written");
+                    after_snapshot = true;
+                }
+                Err(e) => tracing::error!(error = %e, "snapshot failed; the journals are kept"),
             }
             last_snapshot = Instant::now();
         }
@@ -202,18 +263,19 @@ fn run(agg: Aggregator, mut journal: Journal) {
     }
 }
 
-/// Rotates the journal, then writes a snapshot of everything (which covers the old journals).
-fn snapshot(agg: &Aggregator, journal: &mut Journal) -> Result<PathBuf, store::StoreError> {
-    let Some(d) = agg.shared().durability.as_ref() else { return Ok(PathBuf::new()) };
-    *journal = journal.rotate()?;
-    let s = agg.shared();
-    let registers = s.registers.snapshot();
-    let corrections = s.audit.all();
-    let curve = s.curve.all();
-    let records = registers
-        .into_iter()
-        .map(|(k, r)| Record::Register { key: k.packed(), seq: r.seq, count: r.count })
-        .chain(corrections.into_iter().map(Record::Correction))
-        .chain(curve.into_iter().map(|c| Record::Curve { unix_ms: c.unix_ms, counts: c.counts.into_vec() }));
-    write_snapshot(&d.config.dir, journal.generation(), d.fingerprint, records)
+/// Commits a group; on a broken journal first moves to a new one (the group is written whole).
+fn commit(journal: &mut Journal, buf: &[u8]) -> Result<(), store::StoreError> {
+    if journal.is_broken() {
+        let next = journal.next()?;
+        tracing::warn!(from = %journal.path().display(), to = %next.path().display(), "journal continued in a new file");
+        *journal = next;
+    }
+    journal.commit(buf)
+}
+
+/// Rotates the journal, then writes a snapshot of everything (which covers the older journals).
+fn snapshot(f: &mut Flusher) -> Result<PathBuf, store::StoreError> {
+    f.journal = f.journal.next()?;
+    let records = f.source.snapshot();
+    write_snapshot(&*f.io, &f.durability.config.dir, f.journal.generation(), records.into_iter())
 }

@@ -1,29 +1,38 @@
 //! The on-disk record format shared by the journal and snapshots: a file header, then framed
-//! records `len u32 | crc32 u32 | payload`, all little-endian. A record whose frame is short or
-//! whose checksum fails marks the end of the usable file.
+//! records `len u32 | crc32 u32 | tag u8 | payload`, all little-endian. Payloads are protobuf
+//! messages keyed by ids (site id, desk, session id, province code), never by the registry's
+//! indexes, so that adding sites, desks, sessions or provinces keeps all state. A frame that is
+//! short or fails its checksum marks the end of the usable file; a well-formed frame with an
+//! unknown tag is refused (a newer build wrote it).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use prost::Message;
 
-use crate::proto::v1::Correction;
+use crate::{
+    proto::v1::Correction,
+    server::{curve::Sample, registry::Registry},
+};
 
 /// Current format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest payload accepted when reading (guards against a corrupt length).
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
 
-/// A file header: magic, version, generation and the registry fingerprint.
+/// A file header: magic, version, generation, and (journals) the committed length of the
+/// previous generation's journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     /// Generation: journals and snapshots are ordered by it.
     pub generation: u64,
-    /// SHA-256 of the registry's shape; state is only valid for the same registry.
-    pub fingerprint: [u8; 32],
+    /// Bytes of journal `generation - 1` that were committed (synced) when this file was
+    /// created: recovery reads that journal up to here and no further. Bytes after it were never
+    /// acknowledged (a write or sync failed, and the journal moved on to this file).
+    pub prev_committed: u64,
 }
 
-/// Size of an encoded header.
-pub const HEADER_LEN: usize = 8 + 4 + 8 + 32 + 4;
+/// Size of an encoded header, bytes.
+pub const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
 
 impl Header {
     /// Encodes with `magic` (8 bytes).
@@ -32,7 +41,7 @@ impl Header {
         b.extend_from_slice(magic);
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&self.generation.to_le_bytes());
-        b.extend_from_slice(&self.fingerprint);
+        b.extend_from_slice(&self.prev_committed.to_le_bytes());
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
@@ -45,42 +54,136 @@ impl Header {
         if &b[..8] != magic {
             return Err("not a headcount file of this kind (bad magic)".into());
         }
-        let crc = u32::from_le_bytes(b[HEADER_LEN - 4..].try_into().map_err(|_| "header")?);
+        let word =
+            |i: usize| u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let crc = u32::from_le_bytes([b[HEADER_LEN - 4], b[HEADER_LEN - 3], b[HEADER_LEN - 2], b[HEADER_LEN - 1]]);
         if crc32fast::hash(&b[..HEADER_LEN - 4]) != crc {
             return Err("header checksum mismatch".into());
         }
-        let version = u32::from_le_bytes(b[8..12].try_into().map_err(|_| "header")?);
+        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         if version != VERSION {
             return Err(format!("format version {version}, this build reads {VERSION}"));
         }
-        let generation = u64::from_le_bytes(b[12..20].try_into().map_err(|_| "header")?);
-        let mut fingerprint = [0u8; 32];
-        fingerprint.copy_from_slice(&b[20..52]);
-        Ok(Self { generation, fingerprint })
+        Ok(Self { generation: word(12), prev_committed: word(20) })
     }
 }
 
-/// One record.
+/// The latest state of one register, keyed by ids.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct RegisterRecord {
+    /// Site id.
+    #[prost(string, tag = "1")]
+    pub site: String,
+    /// Desk number (1-based).
+    #[prost(uint32, tag = "2")]
+    pub desk: u32,
+    /// Session id (the wire id, not an index).
+    #[prost(uint32, tag = "3")]
+    pub session: u32,
+    /// Seq.
+    #[prost(uint64, tag = "4")]
+    pub seq: u64,
+    /// Cumulative count.
+    #[prost(int64, tag = "5")]
+    pub count: i64,
+}
+
+/// One row of a curve sample: a province's counts per session.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct CurveRow {
+    /// Province code; empty for the national row.
+    #[prost(string, tag = "1")]
+    pub province: String,
+    /// Cumulative count per session, in the order of [`CurveRecord::sessions`].
+    #[prost(int64, repeated, tag = "2")]
+    pub counts: Vec<i64>,
+}
+
+/// A curve sample keyed by province code and session id.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct CurveRecord {
+    /// Bucket start, Unix ms.
+    #[prost(int64, tag = "1")]
+    pub unix_ms: i64,
+    /// Session ids, the column order of every row.
+    #[prost(uint32, repeated, tag = "2")]
+    pub sessions: Vec<u32>,
+    /// National row (province empty) then one per province.
+    #[prost(message, repeated, tag = "3")]
+    pub rows: Vec<CurveRow>,
+}
+
+impl CurveRecord {
+    /// A curve sample keyed by province code and session id.
+    pub fn from_sample(reg: &Registry, sample: &Sample) -> Self {
+        let sessions = reg.sessions.len();
+        let codes = std::iter::once(String::new()).chain(reg.provinces.iter().map(|p| p.code.clone()));
+        Self {
+            unix_ms: sample.unix_ms,
+            sessions: reg.sessions.iter().map(|x| x.id).collect(),
+            rows: codes
+                .enumerate()
+                .map(|(i, province)| CurveRow {
+                    province,
+                    counts: sample
+                        .counts
+                        .get(i * sessions..(i + 1) * sessions)
+                        .map(<[i64]>::to_vec)
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The sample in the registry's current layout: rows by province code, columns by session
+    /// id; a province or session the stored sample does not have reads 0.
+    pub fn to_sample(&self, reg: &Registry) -> Sample {
+        let sessions = reg.sessions.len();
+        let columns: Vec<Option<usize>> =
+            reg.sessions.iter().map(|x| self.sessions.iter().position(|id| *id == x.id)).collect();
+        let codes = std::iter::once("").chain(reg.provinces.iter().map(|p| p.code.as_str()));
+        let mut counts = Vec::with_capacity((reg.provinces.len() + 1) * sessions);
+        for code in codes {
+            let row = self.rows.iter().find(|r| r.province == code);
+            counts.extend(columns.iter().map(|col| match (row, col) {
+                (Some(row), Some(i)) => row.counts.get(*i).copied().unwrap_or(0),
+                _ => 0,
+            }));
+        }
+        Sample { unix_ms: self.unix_ms, counts: counts.into() }
+    }
+}
+
+/// An agent install's claim of a register slot at a site (see `server/installs.rs`), keyed by
+/// site id like every other record.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct InstallRecord {
+    /// Site id.
+    #[prost(string, tag = "1")]
+    pub site: String,
+    /// Slot, 1-based.
+    #[prost(uint32, tag = "2")]
+    pub slot: u32,
+    /// Desk number the agent declared (display only).
+    #[prost(uint32, tag = "3")]
+    pub desk: u32,
+    /// The install id.
+    #[prost(string, tag = "4")]
+    pub id: String,
+}
+
+/// One record: a tagged enum; a new kind gets a new tag, and an older build refuses a file that
+/// holds a tag it does not know ([`Stop::UnknownTag`]) rather than skipping state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
-    /// The latest state of a register: packed key, seq, count.
-    Register {
-        /// `RegisterKey::packed`.
-        key: u64,
-        /// Seq.
-        seq: u64,
-        /// Count.
-        count: i64,
-    },
+    /// The latest state of a register.
+    Register(RegisterRecord),
     /// An audit-trail entry.
     Correction(Correction),
-    /// A curve sample: bucket start and counts (national then provinces, per session).
-    Curve {
-        /// Bucket start, Unix ms.
-        unix_ms: i64,
-        /// Counts.
-        counts: Vec<i64>,
-    },
+    /// A curve sample.
+    Curve(CurveRecord),
+    /// An agent install claimed a register slot.
+    Install(InstallRecord),
     /// Snapshot trailer: how many records precede it. A snapshot without it is incomplete.
     End {
         /// Records before this one.
@@ -92,29 +195,30 @@ const TAG_REGISTER: u8 = 1;
 const TAG_CORRECTION: u8 = 2;
 const TAG_CURVE: u8 = 3;
 const TAG_END: u8 = 4;
+const TAG_INSTALL: u8 = 5;
 
 impl Record {
     /// Appends the framed record to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0u8; 8]);
+        let grows = |_| unreachable!("Vec grows as needed");
         match self {
-            Record::Register { key, seq, count } => {
+            Record::Register(r) => {
                 out.push(TAG_REGISTER);
-                out.extend_from_slice(&key.to_le_bytes());
-                out.extend_from_slice(&seq.to_le_bytes());
-                out.extend_from_slice(&count.to_le_bytes());
+                r.encode(out).unwrap_or_else(grows);
             }
             Record::Correction(c) => {
                 out.push(TAG_CORRECTION);
-                c.encode(out).unwrap_or_else(|_| unreachable!("Vec grows as needed"));
+                c.encode(out).unwrap_or_else(grows);
             }
-            Record::Curve { unix_ms, counts } => {
+            Record::Curve(c) => {
                 out.push(TAG_CURVE);
-                out.extend_from_slice(&unix_ms.to_le_bytes());
-                for c in counts {
-                    out.extend_from_slice(&c.to_le_bytes());
-                }
+                c.encode(out).unwrap_or_else(grows);
+            }
+            Record::Install(i) => {
+                out.push(TAG_INSTALL);
+                i.encode(out).unwrap_or_else(grows);
             }
             Record::End { records } => {
                 out.push(TAG_END);
@@ -128,21 +232,19 @@ impl Record {
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
-    fn decode(payload: &[u8]) -> Option<Self> {
-        let (&tag, body) = payload.split_first()?;
-        let i64_at = |b: &[u8], i: usize| b.get(i..i + 8).and_then(|s| s.try_into().ok()).map(i64::from_le_bytes);
-        let u64_at = |b: &[u8], i: usize| b.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+    fn decode(payload: &[u8]) -> Result<Self, Stop> {
+        let Some((&tag, body)) = payload.split_first() else { return Err(Stop::Bad("empty record".into())) };
+        let bad = |e: prost::DecodeError| Stop::Bad(format!("unparsable record: {e}"));
         match tag {
-            TAG_REGISTER if body.len() == 24 => {
-                Some(Record::Register { key: u64_at(body, 0)?, seq: u64_at(body, 8)?, count: i64_at(body, 16)? })
-            }
-            TAG_CORRECTION => Correction::decode(body).ok().map(Record::Correction),
-            TAG_CURVE if body.len() >= 8 && body.len() % 8 == 0 => Some(Record::Curve {
-                unix_ms: i64_at(body, 0)?,
-                counts: (8..body.len()).step_by(8).map(|i| i64_at(body, i)).collect::<Option<_>>()?,
-            }),
-            TAG_END if body.len() == 8 => Some(Record::End { records: u64_at(body, 0)? }),
-            _ => None,
+            TAG_REGISTER => RegisterRecord::decode(body).map(Record::Register).map_err(bad),
+            TAG_CORRECTION => Correction::decode(body).map(Record::Correction).map_err(bad),
+            TAG_CURVE => CurveRecord::decode(body).map(Record::Curve).map_err(bad),
+            TAG_INSTALL => InstallRecord::decode(body).map(Record::Install).map_err(bad),
+            TAG_END => body
+                .try_into()
+                .map(|b| Record::End { records: u64::from_le_bytes(b) })
+                .map_err(|_| Stop::Bad("malformed trailer".into())),
+            other => Err(Stop::UnknownTag(other)),
         }
     }
 }
@@ -162,6 +264,8 @@ pub enum Stop {
     End,
     /// A short, oversized, unparsable or checksum-failing frame.
     Bad(String),
+    /// A well-formed frame of a kind this build does not know.
+    UnknownTag(u8),
 }
 
 impl<R: Read> Reader<R> {
@@ -198,7 +302,7 @@ impl<R: Read> Reader<R> {
         if crc32fast::hash(&self.buf) != crc {
             return Err(Stop::Bad("record checksum mismatch".into()));
         }
-        let rec = Record::decode(&self.buf).ok_or_else(|| Stop::Bad("unparsable record".into()))?;
+        let rec = Record::decode(&self.buf)?;
         self.good_bytes += 8 + u64::from(len);
         Ok(rec)
     }
@@ -217,12 +321,6 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Writes all of `buf` and syncs the data to disk.
-pub fn write_durable(f: &mut std::fs::File, buf: &[u8]) -> io::Result<()> {
-    f.write_all(buf)?;
-    f.sync_data()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,8 +328,12 @@ mod tests {
     #[test]
     fn records_round_trip_and_corruption_stops_reading() {
         let recs = vec![
-            Record::Register { key: 42, seq: 7, count: 19 },
-            Record::Curve { unix_ms: 1000, counts: vec![1, 2, 3] },
+            Record::Register(RegisterRecord { site: "S1".into(), desk: 2, session: 3, seq: 7, count: 19 }),
+            Record::Curve(CurveRecord {
+                unix_ms: 1000,
+                sessions: vec![1, 2],
+                rows: vec![CurveRow { province: String::new(), counts: vec![1, 2] }],
+            }),
             Record::Correction(Correction { site_id: "S1".into(), seq: 3, reason: "x".into(), ..Default::default() }),
             Record::End { records: 3 },
         ];
@@ -246,12 +348,23 @@ mod tests {
         assert_eq!(rd.next_record(), Err(Stop::End));
         assert_eq!(rd.good_bytes, buf.len() as u64);
         // Flip one byte in the second record: reading stops after the first.
+        let first = {
+            let mut b = Vec::new();
+            recs[0].encode(&mut b);
+            b.len()
+        };
         let mut bad = buf.clone();
-        bad[8 + 25 + 8 + 3] ^= 0xff;
+        bad[first + 8 + 3] ^= 0xff;
         let mut rd = Reader::new(&bad[..]);
         assert!(rd.next_record().is_ok());
         assert!(matches!(rd.next_record(), Err(Stop::Bad(_))));
-        assert_eq!(rd.good_bytes, 8 + 25);
+        assert_eq!(rd.good_bytes, first as u64);
+        // A well-formed frame with a tag this build does not know is refused, not skipped.
+        let payload = [99u8, 1, 2, 3];
+        let mut unknown = (payload.len() as u32).to_le_bytes().to_vec();
+        unknown.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        unknown.extend_from_slice(&payload);
+        assert_eq!(Reader::new(&unknown[..]).next_record(), Err(Stop::UnknownTag(99)));
         // Truncation anywhere inside a record stops cleanly too.
         for cut in 1..buf.len() {
             let mut rd = Reader::new(&buf[..cut]);

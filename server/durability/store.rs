@@ -1,27 +1,27 @@
-//! The data directory: `journal-<gen>.log` files (appended with group commit) and
-//! `snapshot-<gen>.snap` files (written to a temporary file, fsynced, renamed, directory fsynced).
-//! A snapshot of generation `g` holds everything written to journals before `g`; recovery loads
-//! the newest snapshot and replays journals `>= g` in order.
+//! The data directory: one owner at a time (an exclusive lock on `<dir>/lock`), `journal-<gen>.log`
+//! files appended with group commit (see [`super::journal`]), `snapshot-<gen>.snap` files (see
+//! [`super::snapshot`]), and the errors that make a directory unusable, each saying what to do.
+//!
+//! A snapshot of generation `g` holds everything written to journals before `g`; recovery (see
+//! [`super::recover`]) loads the newest snapshot and replays journals `>= g` in order.
 
 use std::{
-    collections::HashSet,
     fs::{self, File, OpenOptions},
-    io::{BufReader, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
 };
 
-use rustc_hash::FxHashMap;
-
-use super::record::{HEADER_LEN, Header, Reader, Record, Stop, write_durable};
-use crate::{
-    proto::v1::Correction,
-    server::{curve::Sample, registers::Register},
+pub use super::{
+    journal::Journal,
+    recover::{Recovered, recover},
+    snapshot::write_snapshot,
 };
 
-const JOURNAL_MAGIC: &[u8; 8] = b"HCJOURN1";
-const SNAPSHOT_MAGIC: &[u8; 8] = b"HCSNAPS1";
+/// Magic of a journal file.
+pub(crate) const JOURNAL_MAGIC: &[u8; 8] = b"HCJOURN2";
+/// Magic of a snapshot file.
+pub(crate) const SNAPSHOT_MAGIC: &[u8; 8] = b"HCSNAPS2";
 
-/// A data directory that cannot be used.
+/// A data directory that cannot be used; every message names the file and says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// I/O on a file.
@@ -32,11 +32,21 @@ pub enum StoreError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Another process owns the directory.
+    #[error(
+        "the data directory {dir} is in use by another headcount-server (its lock file {dir}/lock is held). \
+         Two aggregators on one directory would delete each other's journals: stop the other one first, or give \
+         this one its own --data-dir"
+    )]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// A snapshot is unreadable: refusing to start rather than serve wrong totals.
     #[error(
-        "snapshot {path} is corrupt ({reason}). Refusing to start. Move it out of the data directory to start from the \
-         older snapshot and journals that remain (sites then resend what is missing), or start with an empty \
-         --data-dir and let every site resend its state."
+        "snapshot {path} is corrupt ({reason}). Refusing to start. Move this file out of the data directory: the \
+         aggregator then starts from the previous snapshot and the journals kept after it, which together hold the \
+         same state"
     )]
     CorruptSnapshot {
         /// The file.
@@ -44,61 +54,68 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
-    /// The directory was written for another registry.
+    /// A journal that is not the last one, or a journal header, is damaged: cutting it would
+    /// silently drop acknowledged reports that later journals build on.
     #[error(
-        "{path} was written for a different registry (sites, desks or sessions changed). Start with the original \
-         registry files, or with an empty --data-dir"
+        "journal {path} is damaged at byte {offset} ({reason}) and it is not a torn tail that a crash can leave. \
+         Refusing to start rather than drop acknowledged reports. Restore the file from a backup if you have one; \
+         otherwise move it and every later journal-*.log out of the data directory (sites whose agents still run \
+         resend what they hold when they reconnect)"
     )]
-    RegistryChanged {
+    DamagedJournal {
         /// The file.
         path: PathBuf,
+        /// Where the damage starts, bytes from the start of the file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A journal generation that recovery needs is not there.
+    #[error(
+        "{dir} has no journal-{generation:010}.log, which the state after {after} needs. Refusing to start rather \
+         than serve totals with a hole. Put the file back, or move the later journals out of the directory"
+    )]
+    MissingJournal {
+        /// The directory.
+        dir: PathBuf,
+        /// The missing generation.
+        generation: u64,
+        /// What precedes it (a snapshot or journal file name).
+        after: String,
+    },
+    /// A record of a kind this build does not know.
+    #[error(
+        "{path} holds a record of kind {tag} that this build does not know (written by a newer headcount-server?). \
+         Run the newer version on this data directory"
+    )]
+    UnknownRecord {
+        /// The file.
+        path: PathBuf,
+        /// The record tag.
+        tag: u8,
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
-/// What recovery found.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    /// Latest state per packed register key.
-    pub registers: FxHashMap<u64, Register>,
-    /// Audit trail, oldest first, without duplicates.
-    pub corrections: Vec<Correction>,
-    /// Curve samples, oldest first.
-    pub curve: Vec<Sample>,
-    /// Generation to continue with (a new journal is started at it).
-    pub next_generation: u64,
-    /// Records replayed from journals.
-    pub journal_records: u64,
-    /// Bytes cut from torn or corrupt journal tails.
-    pub bytes_dropped: u64,
-    /// The snapshot loaded, if any.
-    pub snapshot: Option<PathBuf>,
+/// The exclusive ownership of a data directory, held until dropped (or the process dies: the
+/// kernel releases the lock, so a crash never leaves a stale lock behind).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
 }
 
-impl Recovered {
-    fn apply(&mut self, rec: Record, seen: &mut HashSet<(String, u32, u32, u64)>) {
-        match rec {
-            Record::Register { key, seq, count } => {
-                let r = self.registers.entry(key).or_default();
-                if seq > r.seq {
-                    *r = Register { seq, count };
-                }
-            }
-            Record::Correction(c) => {
-                if seen.insert((c.site_id.clone(), c.desk, c.session, c.seq)) {
-                    self.corrections.push(c);
-                }
-            }
-            Record::Curve { unix_ms, counts } => match self.curve.last_mut() {
-                Some(last) if last.unix_ms == unix_ms => last.counts = counts.into(),
-                Some(last) if last.unix_ms > unix_ms => {}
-                _ => self.curve.push(Sample { unix_ms, counts: counts.into() }),
-            },
-            Record::End { .. } => {}
-        }
+/// Creates `dir` if needed and takes its lock; fails at once if another process holds it.
+pub fn lock(dir: &Path) -> Result<DirLock, StoreError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join("lock");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DirLock { _file: file }),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked { dir: dir.to_path_buf() }),
+        Err(fs::TryLockError::Error(e)) => Err(StoreError::Io { path, source: e }),
     }
 }
 
@@ -107,12 +124,14 @@ fn generation_of(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
 }
 
 /// `(generation, path)` of files of one kind, ascending.
-type Generations = Vec<(u64, PathBuf)>;
+pub type Generations = Vec<(u64, PathBuf)>;
 
-/// Journals and snapshots of the directory.
-fn list(dir: &Path) -> Result<(Generations, Generations), StoreError> {
+/// Journals and snapshots of the directory, and the leftover temporary files of interrupted
+/// creations (never renamed, so never acknowledged or trusted).
+pub(crate) fn list(dir: &Path) -> Result<(Generations, Generations, Vec<PathBuf>), StoreError> {
     let mut journals = Vec::new();
     let mut snapshots = Vec::new();
+    let mut temporary = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -120,170 +139,21 @@ fn list(dir: &Path) -> Result<(Generations, Generations), StoreError> {
             journals.push((g, entry.path()));
         } else if let Some(g) = generation_of(&name, "snapshot-", ".snap") {
             snapshots.push((g, entry.path()));
-        } else if name.ends_with(".tmp") {
-            // A snapshot interrupted by a crash: never renamed, so never trusted.
-            let _ = fs::remove_file(entry.path());
+        } else if (name.starts_with("journal-") || name.starts_with("snapshot-")) && name.ends_with(".tmp") {
+            temporary.push(entry.path());
         }
     }
     journals.sort();
     snapshots.sort();
-    Ok((journals, snapshots))
+    Ok((journals, snapshots, temporary))
 }
 
-/// Loads the newest snapshot and replays the journals after it; cuts torn journal tails.
-pub fn recover(dir: &Path, fingerprint: [u8; 32]) -> Result<Recovered, StoreError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let (journals, snapshots) = list(dir)?;
-    let mut out = Recovered::default();
-    let mut seen = HashSet::new();
-    let mut base = 0;
-    if let Some((g, path)) = snapshots.last() {
-        let corrupt = |reason: String| StoreError::CorruptSnapshot { path: path.clone(), reason };
-        let f = File::open(path).map_err(io(path))?;
-        let mut r = BufReader::with_capacity(1 << 20, f);
-        let header = Header::read(&mut r, SNAPSHOT_MAGIC).map_err(corrupt)?;
-        if header.fingerprint != fingerprint {
-            return Err(StoreError::RegistryChanged { path: path.clone() });
-        }
-        let mut reader = Reader::new(r);
-        let mut n = 0u64;
-        loop {
-            match reader.next_record() {
-                Ok(Record::End { records }) if records == n => break,
-                Ok(Record::End { records }) => {
-                    return Err(corrupt(format!("trailer says {records} records, found {n}")));
-                }
-                Ok(rec) => {
-                    out.apply(rec, &mut seen);
-                    n += 1;
-                }
-                Err(Stop::End) => return Err(corrupt("no trailer (incomplete)".into())),
-                Err(Stop::Bad(why)) => return Err(corrupt(why)),
-            }
-        }
-        base = *g;
-        out.snapshot = Some(path.clone());
-        tracing::info!(path = %path.display(), records = n, "snapshot loaded");
-    }
-    let mut last = base;
-    for (g, path) in journals.iter().filter(|(g, _)| *g >= base) {
-        last = last.max(*g);
-        let f = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
-        let len = f.metadata().map_err(io(path))?.len();
-        let mut r = BufReader::with_capacity(1 << 20, f);
-        let header = match Header::read(&mut r, JOURNAL_MAGIC) {
-            Ok(h) => h,
-            Err(why) => {
-                // A journal whose header never reached the disk holds nothing acknowledged.
-                tracing::warn!(path = %path.display(), reason = %why, bytes = len, "unreadable journal header; ignoring the file");
-                out.bytes_dropped += len;
-                let _ = fs::remove_file(path);
-                continue;
-            }
-        };
-        if header.fingerprint != fingerprint {
-            return Err(StoreError::RegistryChanged { path: path.clone() });
-        }
-        let mut reader = Reader::new(r);
-        let stop = loop {
-            match reader.next_record() {
-                Ok(rec) => {
-                    out.apply(rec, &mut seen);
-                    out.journal_records += 1;
-                }
-                Err(stop) => break stop,
-            }
-        };
-        let good = HEADER_LEN as u64 + reader.good_bytes;
-        if let Stop::Bad(why) = stop {
-            let dropped = len - good;
-            tracing::warn!(
-                path = %path.display(), reason = %why, kept_bytes = good, dropped_bytes = dropped,
-                "journal tail is torn or corrupt; cut at the last good record"
-            );
-            out.bytes_dropped += dropped;
-            let f = reader.into_inner().into_inner();
-            f.set_len(good).map_err(io(path))?;
-            f.sync_all().map_err(io(path))?;
-        }
-    }
-    out.next_generation = last + 1;
-    Ok(out)
+/// Path of a journal.
+pub(crate) fn journal_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("journal-{generation:010}.log"))
 }
 
-/// An open journal, appended by the flusher thread only.
-pub struct Journal {
-    dir: PathBuf,
-    path: PathBuf,
-    file: File,
-    generation: u64,
-    fingerprint: [u8; 32],
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
-impl Journal {
-    /// Creates `journal-<generation>.log` with its header, durably.
-    pub fn create(dir: &Path, generation: u64, fingerprint: [u8; 32]) -> Result<Self, StoreError> {
-        let path = dir.join(format!("journal-{generation:010}.log"));
-        let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(io(&path))?;
-        file.write_all(&Header { generation, fingerprint }.encode(JOURNAL_MAGIC)).map_err(io(&path))?;
-        file.sync_all().map_err(io(&path))?;
-        sync_dir(dir)?;
-        file.seek(SeekFrom::End(0)).map_err(io(&path))?;
-        Ok(Self { dir: dir.to_path_buf(), path, file, generation, fingerprint })
-    }
-
-    /// Appends encoded records and makes them durable.
-    pub fn append(&mut self, buf: &[u8]) -> Result<(), StoreError> {
-        write_durable(&mut self.file, buf).map_err(io(&self.path))
-    }
-
-    /// Current generation.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// Starts the next generation's journal; returns the new journal.
-    pub fn rotate(&self) -> Result<Journal, StoreError> {
-        Journal::create(&self.dir, self.generation + 1, self.fingerprint)
-    }
-}
-
-/// Writes `snapshot-<generation>.snap` atomically from `records`, then deletes journals and
-/// snapshots it makes obsolete (generations below it).
-pub fn write_snapshot(
-    dir: &Path,
-    generation: u64,
-    fingerprint: [u8; 32],
-    records: impl Iterator<Item = Record>,
-) -> Result<PathBuf, StoreError> {
-    let path = dir.join(format!("snapshot-{generation:010}.snap"));
-    let tmp = dir.join(format!("snapshot-{generation:010}.tmp"));
-    let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
-    let mut buf = Header { generation, fingerprint }.encode(SNAPSHOT_MAGIC);
-    let mut n = 0u64;
-    for rec in records {
-        rec.encode(&mut buf);
-        n += 1;
-        if buf.len() >= 1 << 20 {
-            f.write_all(&buf).map_err(io(&tmp))?;
-            buf.clear();
-        }
-    }
-    Record::End { records: n }.encode(&mut buf);
-    f.write_all(&buf).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(io(&path))?;
-    sync_dir(dir)?;
-    let (journals, snapshots) = list(dir)?;
-    for (g, p) in journals.into_iter().chain(snapshots) {
-        if g < generation {
-            let _ = fs::remove_file(p);
-        }
-    }
-    Ok(path)
+/// Path of a snapshot.
+pub(crate) fn snapshot_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("snapshot-{generation:010}.snap"))
 }

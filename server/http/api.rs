@@ -308,9 +308,14 @@ pub async fn stats(State(st): State<HttpState>, headers: HeaderMap) -> Result<Js
     })))
 }
 
-/// The session the page opens on: the latest session with any check-in, else the first.
+/// The session the page opens on: the current one by the registry's schedule
+/// ([`crate::server::registry::Registry::current_session`]); for a registry without times, the
+/// latest session with any check-in, else the first.
 pub fn current_session(agg: &Aggregator) -> Option<u32> {
     let r = agg.registry();
+    if let Some(s) = r.current_session(agg.shared().config.clock.wall_ms()) {
+        return Some(s.id);
+    }
     (0..r.sessions.len())
         .rev()
         .find(|&k| agg.shared().tallies.read(Node::NATIONAL, Some(k)).count > 0)
@@ -326,7 +331,10 @@ pub async fn meta(State(st): State<HttpState>, headers: HeaderMap) -> Result<Jso
     let sessions: Vec<serde_json::Value> = r
         .sessions
         .iter()
-        .map(|s| serde_json::json!({ "id": s.id, "name": s.name, "starts_at": s.starts_at }))
+        .map(|s| {
+            let (starts, ends) = s.schedule.as_ref().map_or((0, 0), |w| (w.starts_unix_ms, w.ends_unix_ms));
+            serde_json::json!({ "id": s.id, "name": s.name, "starts_unix_ms": starts, "ends_unix_ms": ends })
+        })
         .collect();
     Ok(Json(serde_json::json!({
         "sessions": sessions,

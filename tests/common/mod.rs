@@ -6,6 +6,8 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod raw;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,

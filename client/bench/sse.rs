@@ -4,8 +4,10 @@
 //! total). Measures server memory per viewer, freshness (probe report sent → seen by a viewer) and
 //! the ingest throughput ratio with / without viewers.
 //!
-//! Freshness probe: site 0 adds `PROBE_STEP` check-ins per probe (far above anything the load
-//! adds), so a viewer reads the probe number straight off the national count: `count / STEP`.
+//! Freshness probe: the load reports in every session but the last; site 0 raises its count in
+//! the last session by one per probe, and the viewers watch that session's national total, so a
+//! viewer reads the probe number straight off the count. The fan-out work is the same as for any
+//! session: one frame per tick, shared by every viewer.
 //! Needs `ulimit -n` above viewers + streams.
 
 use std::{
@@ -30,8 +32,6 @@ use super::{
 use crate::client::connect::endpoint;
 use crate::proto::v1::{Report, ReportBatch, ReportRequest, report_request, report_response};
 
-/// Check-ins one freshness probe adds to the national count.
-const PROBE_STEP: i64 = 1_000_000_000_000;
 /// Time between probes.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
@@ -61,11 +61,7 @@ pub struct SseReport {
 pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<SseReport, BenchError> {
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut spec = ctx.spec(args, "127.0.0.1:0")?;
-    spec.extra.extend([
-        format!("--http-listen=127.0.0.1:{http_port}"),
-        format!("--max-count={}", PROBE_STEP * 1_000_000),
-        "--publish-tick=250ms".to_owned(),
-    ]);
+    spec.extra.extend([format!("--http-listen=127.0.0.1:{http_port}"), "--publish-tick=250ms".to_owned()]);
     let server = ServerProcess::start(&spec, ctx.scratch.path())?;
     let url = server.url();
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
@@ -74,7 +70,12 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
     let (mut open_streams, _) = open_all(ctx, &chans, streams, &AtomicU64::new(0)).await?;
     let window = args.window.max(1) as usize;
     let rpb = args.batch_size().max(1) as usize;
-    let sessions: Vec<u32> = ctx.registry.sessions.iter().map(|s| s.id).collect();
+    let mut sessions: Vec<u32> = ctx.registry.sessions.iter().map(|s| s.id).collect();
+    // The last session is the probe's alone.
+    let probe_session = match sessions.pop() {
+        Some(p) if !sessions.is_empty() => p,
+        _ => return Err(BenchError::Mismatch("bench sse needs a registry with at least two sessions".into())),
+    };
 
     let (back, alone) = drive(open_streams, window, rpb, &sessions, args.duration).await;
     open_streams = back;
@@ -97,7 +98,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
             let mut set = tokio::task::JoinSet::new();
             for _ in 0..viewers {
                 let (sent, stop, ready, token) = (sent.clone(), stop.clone(), ready.clone(), token.clone());
-                set.spawn(async move { viewer(http, &token, sent, epoch, stop, ready).await });
+                set.spawn(async move { viewer(http, &token, probe_session, sent, epoch, stop, ready).await });
             }
             let (mut from_send, mut from_ack) = (histogram(), histogram());
             while let Some(r) = set.join_next().await {
@@ -129,7 +130,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
         on_own_thread(move || async move {
             let ch = endpoint(&url).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
             let probe = open(ch, &auth, &site, 1).await.map_err(|e| e.to_string())?;
-            run_probe(probe, sent, epoch, duration).await;
+            run_probe(probe, probe_session, sent, epoch, duration).await;
             Ok::<(), String>(())
         })?
     };
@@ -219,8 +220,8 @@ async fn drive(
     (back, total)
 }
 
-/// Every `PROBE_EVERY`: notes the time, then raises site 0's count by `PROBE_STEP`.
-async fn run_probe(mut s: RawStream, sent: Arc<Vec<[AtomicU64; 2]>>, epoch: Instant, duration: Duration) {
+/// Every `PROBE_EVERY`: notes the time, then raises site 0's count in `session` by one.
+async fn run_probe(mut s: RawStream, session: u32, sent: Arc<Vec<[AtomicU64; 2]>>, epoch: Instant, duration: Duration) {
     let base = s.resumed.iter().map(|r| r.1).max().unwrap_or(0);
     let started = Instant::now();
     for k in 1..sent.len() {
@@ -228,7 +229,7 @@ async fn run_probe(mut s: RawStream, sent: Arc<Vec<[AtomicU64; 2]>>, epoch: Inst
             break;
         }
         sent[k][0].store(epoch.elapsed().as_micros() as u64, Relaxed);
-        let report = Report { session: 1, seq: base + k as u64, count: k as i64 * PROBE_STEP, reason: String::new() };
+        let report = Report { session, seq: base + k as u64, count: k as i64, reason: String::new() };
         let msg = ReportRequest { kind: Some(report_request::Kind::Batch(ReportBatch { reports: vec![report] })) };
         if s.tx.send(msg).await.is_err() || s.rx.message().await.is_err() {
             break;
@@ -243,6 +244,7 @@ async fn run_probe(mut s: RawStream, sent: Arc<Vec<[AtomicU64; 2]>>, epoch: Inst
 async fn viewer(
     http: SocketAddr,
     token: &str,
+    session: u32,
     sent: Arc<Vec<[AtomicU64; 2]>>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
@@ -261,7 +263,7 @@ async fn viewer(
     }
     let Some(mut sock) = sock else { return (seen, after_ack) };
     let req = format!(
-        "GET /api/live?session=all&provinces=false HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+        "GET /api/live?session={session}&provinces=false HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
     );
     if sock.write_all(req.as_bytes()).await.is_err() {
         return (seen, after_ack);
@@ -282,7 +284,7 @@ async fn viewer(
                     first = false;
                     ready.fetch_add(1, Relaxed);
                 }
-                let k = (count / PROBE_STEP).max(0) as usize;
+                let k = count.max(0) as usize;
                 let now = epoch.elapsed().as_micros() as u64;
                 for j in (last_k + 1)..=k.min(sent.len() - 1) {
                     let micros = |t: u64| now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;

@@ -133,6 +133,12 @@ async fn json_api_mirrors_the_totals_calls() {
         silent["sites"].as_array().expect("sites").iter().filter_map(|s| s["site_id"].as_str()).collect();
     assert_eq!(ids, grpc.sites.iter().map(|s| s.site_id.as_str()).collect::<Vec<_>>());
     assert!(!ids.contains(&site.id.as_str()), "a site that reported is not silent");
+    for s in silent["sites"].as_array().expect("sites") {
+        let i = ts.registry.site(s["site_id"].as_str().expect("id")).expect("a registry site") as usize;
+        let r = &ts.registry.sites[i];
+        let want = format!("{}, {}", r.contact_name, r.contact_phone);
+        assert_eq!(s["contact"], Value::from(want), "the registry's contact of a silent site");
+    }
 
     let curve = get_json(&format!("{base}/api/curve?scope=national&session=1"), &token).await;
     let last = curve["points"].as_array().and_then(|p| p.last().cloned()).expect("a live point");
@@ -316,6 +322,7 @@ async fn csv_exports_carry_a_bom_and_the_same_figures() {
     assert_eq!(silent.len() as u32, reader.silent_sites(Some(national()), 0).await.total_silent);
     assert_eq!(silent.len(), silent_rows, "sites.csv and silent.csv agree");
     assert!(silent.iter().all(|r| r["site_id"] != id));
+    assert!(silent.iter().all(|r| r["contact"].contains(", 09")), "contacts (name, phone) in the export");
 
     let corrections = get_csv(&format!("{base}/export/corrections.csv"), &token).await;
     assert_eq!(corrections.len(), 1);

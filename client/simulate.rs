@@ -3,6 +3,7 @@
 //! sites; then every level's total is checked against the simulated ground truth.
 
 use std::{
+    io::Write,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -440,19 +441,11 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
             r.shutdown().await;
         }
     }
-    if args.serve_after {
-        let verdict = if mismatches.is_empty() { "exact" } else { "MISMATCH" };
-        eprintln!("Verdict: {verdict}. The dashboard stays up; Ctrl-C stops it.");
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!(elapsed = ?start.elapsed(), "stopping");
-    let _ = server.stop().await;
-    tracing::info!(elapsed = ?start.elapsed(), "stopped");
     let mut mismatches = mismatches;
     if silent as usize != plan.silent.len() {
         mismatches.push(format!("{silent} sites flagged silent, {} never connected", plan.silent.len()));
     }
-    Ok(SimulationReport {
+    let report = SimulationReport {
         sites: registry.sites.len(),
         reporters: plan.desks.len(),
         connections: n_conns,
@@ -468,7 +461,25 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         totals_checked: checked,
         mismatch_count: mismatches.len(),
         mismatches: mismatches.into_iter().take(20).collect(),
-    })
+    };
+    if args.serve_after {
+        // The verdict now; the caller does not print it again.
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let _ = serde_json::to_writer_pretty(&mut out, &report);
+            let _ = writeln!(out);
+        } else {
+            print_report(&report, &mut out);
+        }
+        let _ = out.flush();
+        drop(out);
+        eprintln!("The aggregator and its dashboard stay up; Ctrl-C stops them.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!(elapsed = ?start.elapsed(), "stopping");
+    let _ = server.stop().await;
+    tracing::info!(elapsed = ?start.elapsed(), "stopped");
+    Ok(report)
 }
 
 /// Refuses at once a run the aggregator or the machine cannot carry: more desk streams on one

@@ -82,8 +82,10 @@ async fn browser(driver: &Driver, profile: &Path) -> Client {
         }),
     );
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    within("open a Chromium session", ClientBuilder::new(connector).capabilities(caps).connect(&driver.url))
+    // A cold Chromium start on a loaded machine can take a while; bounded all the same.
+    tokio::time::timeout(PAGE_DEADLINE, ClientBuilder::new(connector).capabilities(caps).connect(&driver.url))
         .await
+        .expect("Chromium started within the deadline")
         .expect("a WebDriver session with headless Chromium")
 }
 

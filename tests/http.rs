@@ -133,6 +133,12 @@ async fn json_api_mirrors_the_totals_calls() {
         silent["sites"].as_array().expect("sites").iter().filter_map(|s| s["site_id"].as_str()).collect();
     assert_eq!(ids, grpc.sites.iter().map(|s| s.site_id.as_str()).collect::<Vec<_>>());
     assert!(!ids.contains(&site.id.as_str()), "a site that reported is not silent");
+    for s in silent["sites"].as_array().expect("sites") {
+        let i = ts.registry.site(s["site_id"].as_str().expect("id")).expect("a registry site") as usize;
+        let r = &ts.registry.sites[i];
+        let want = format!("{}, {}", r.contact_name, r.contact_phone);
+        assert_eq!(s["contact"], Value::from(want), "the registry's contact of a silent site");
+    }
 
     let curve = get_json(&format!("{base}/api/curve?scope=national&session=1"), &token).await;
     let last = curve["points"].as_array().and_then(|p| p.last().cloned()).expect("a live point");
@@ -209,6 +215,12 @@ async fn access_takes_a_cookie_or_a_bearer_token_and_lobby_mode_opens_only_natio
         .await
         .expect("GET");
     assert_eq!(r.status(), StatusCode::OK);
+    let out = within("POST /logout", client().post(format!("{base}/logout")).header(header::COOKIE, &pair).send())
+        .await
+        .expect("POST /logout");
+    assert!(out.status().is_redirection());
+    let cleared = out.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(cleared.starts_with("headcount_token=;") && cleared.contains("Max-Age=0"), "{cleared}");
     for asset in ["app.js", "app.css"] {
         let (status, body) = get(&format!("{base}/assets/{asset}"), None).await;
         assert_eq!(status, StatusCode::OK, "{asset}");
@@ -310,6 +322,7 @@ async fn csv_exports_carry_a_bom_and_the_same_figures() {
     assert_eq!(silent.len() as u32, reader.silent_sites(Some(national()), 0).await.total_silent);
     assert_eq!(silent.len(), silent_rows, "sites.csv and silent.csv agree");
     assert!(silent.iter().all(|r| r["site_id"] != id));
+    assert!(silent.iter().all(|r| r["contact"].contains(", 09")), "contacts (name, phone) in the export");
 
     let corrections = get_csv(&format!("{base}/export/corrections.csv"), &token).await;
     assert_eq!(corrections.len(), 1);
@@ -402,6 +415,30 @@ async fn live_feed_sends_a_snapshot_then_updates_serialised_once_for_every_viewe
     }
     let frames = metric(&scrape(base.clone()).await, "headcount_sse_frames_total", &[]) - frames_before;
     assert!((1.0..VIEWERS as f64).contains(&frames), "{frames} frames serialised for {VIEWERS} viewers of one change");
+
+    // A live request on a connection that served another request first (the router's path,
+    // not the hand-served one) gets the same frames.
+    let shared = client();
+    let meta = within("meta", shared.get(format!("{base}/api/meta")).bearer_auth(&token).send()).await.expect("meta");
+    assert_eq!(meta.status(), StatusCode::OK);
+    within("meta body", meta.bytes()).await.expect("drain meta");
+    let mut r = within("live", shared.get(format!("{base}/api/live?session=1")).bearer_auth(&token).send())
+        .await
+        .expect("live");
+    assert_eq!(r.status(), StatusCode::OK);
+    let f = next_frame(&mut r, &mut String::new(), |_| true).await;
+    assert_eq!(f["national"]["count"], Value::from(want));
+    drop(r);
+    // Errors on the hand-served path are proper HTTP answers.
+    for (q, token, want) in [
+        ("/api/live?session=9", Some(token.as_str()), StatusCode::NOT_FOUND),
+        ("/api/live?session=x", Some(token.as_str()), StatusCode::BAD_REQUEST),
+        ("/api/live", None, StatusCode::UNAUTHORIZED),
+    ] {
+        let (status, body) = get(&format!("{base}{q}"), token).await;
+        assert_eq!(status, want, "{q}: {body}");
+        assert!(serde_json::from_str::<Value>(&body).is_ok_and(|v| v["error"].is_string()), "{q}: {body}");
+    }
 
     // National-only topic: no province table.
     let mut r = open_sse(&format!("{base}/api/live?provinces=false"), &token).await;

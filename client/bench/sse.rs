@@ -4,8 +4,10 @@
 //! total). Measures server memory per viewer, freshness (probe report sent → seen by a viewer) and
 //! the ingest throughput ratio with / without viewers.
 //!
-//! Freshness probe: site 0 adds `PROBE_STEP` check-ins per probe (far above anything the load
-//! adds), so a viewer reads the probe number straight off the national count: `count / STEP`.
+//! Freshness probe: the load reports in every session but the last; site 0 raises its count in
+//! the last session by one per probe, and the viewers watch that session's national total, so a
+//! viewer reads the probe number straight off the count. The fan-out work is the same as for any
+//! session: one frame per tick, shared by every viewer.
 //! Needs `ulimit -n` above viewers + streams.
 
 use std::{
@@ -30,8 +32,6 @@ use super::{
 use crate::client::connect::endpoint;
 use crate::proto::v1::{Report, ReportBatch, ReportRequest, report_request, report_response};
 
-/// Check-ins one freshness probe adds to the national count.
-const PROBE_STEP: i64 = 1_000_000_000_000;
 /// Time between probes.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
@@ -50,6 +50,9 @@ pub struct SseReport {
     pub throughput_ratio: f64,
     /// Probe report sent → seen by a viewer (every viewer, every probe).
     pub freshness: Latency,
+    /// Probe report acknowledged → seen by a viewer: the fan-out alone, without the ingest
+    /// queueing a saturated aggregator adds before applying the probe.
+    pub freshness_after_ack: Latency,
     /// The aggregator's publish tick, ms (the freshness budget is tick + 50 ms).
     pub publish_tick_ms: u64,
 }
@@ -58,11 +61,7 @@ pub struct SseReport {
 pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<SseReport, BenchError> {
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut spec = ctx.spec(args, "127.0.0.1:0")?;
-    spec.extra.extend([
-        format!("--http-listen=127.0.0.1:{http_port}"),
-        format!("--max-count={}", PROBE_STEP * 1_000_000),
-        "--publish-tick=250ms".to_owned(),
-    ]);
+    spec.extra.extend([format!("--http-listen=127.0.0.1:{http_port}"), "--publish-tick=250ms".to_owned()]);
     let server = ServerProcess::start(&spec, ctx.scratch.path())?;
     let url = server.url();
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
@@ -71,7 +70,12 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
     let (mut open_streams, _) = open_all(ctx, &chans, streams, &AtomicU64::new(0)).await?;
     let window = args.window.max(1) as usize;
     let rpb = args.batch_size().max(1) as usize;
-    let sessions: Vec<u32> = ctx.registry.sessions.iter().map(|s| s.id).collect();
+    let mut sessions: Vec<u32> = ctx.registry.sessions.iter().map(|s| s.id).collect();
+    // The last session is the probe's alone.
+    let probe_session = match sessions.pop() {
+        Some(p) if !sessions.is_empty() => p,
+        _ => return Err(BenchError::Mismatch("bench sse needs a registry with at least two sessions".into())),
+    };
 
     let (back, alone) = drive(open_streams, window, rpb, &sessions, args.duration).await;
     open_streams = back;
@@ -80,7 +84,9 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
     let rss_before = server.memory().0;
     let epoch = Instant::now();
     let probes = (args.duration.as_millis() / PROBE_EVERY.as_millis()) as usize + 16;
-    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..probes).map(|_| AtomicU64::new(0)).collect());
+    // Per probe: [sent, acknowledged], µs since `epoch` (0: not yet).
+    let sent: Arc<Vec<[AtomicU64; 2]>> =
+        Arc::new((0..probes).map(|_| [AtomicU64::new(0), AtomicU64::new(0)]).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicU64::new(0));
     let token = ctx.auth.read_token("bench-sse");
@@ -92,15 +98,19 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
             let mut set = tokio::task::JoinSet::new();
             for _ in 0..viewers {
                 let (sent, stop, ready, token) = (sent.clone(), stop.clone(), ready.clone(), token.clone());
-                set.spawn(async move { viewer(http, &token, sent, epoch, stop, ready).await });
+                set.spawn(async move { viewer(http, &token, probe_session, sent, epoch, stop, ready).await });
             }
-            let mut h = histogram();
+            let (mut from_send, mut from_ack) = (histogram(), histogram());
             while let Some(r) = set.join_next().await {
-                for v in r.unwrap_or_default() {
-                    let _ = h.record(u64::from(v).max(1));
+                let (a, b) = r.unwrap_or_default();
+                for v in a {
+                    let _ = from_send.record(u64::from(v).max(1));
+                }
+                for v in b {
+                    let _ = from_ack.record(u64::from(v).max(1));
                 }
             }
-            h
+            (from_send, from_ack)
         })?
     };
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -120,7 +130,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
         on_own_thread(move || async move {
             let ch = endpoint(&url).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
             let probe = open(ch, &auth, &site, 1).await.map_err(|e| e.to_string())?;
-            run_probe(probe, sent, epoch, duration).await;
+            run_probe(probe, probe_session, sent, epoch, duration).await;
             Ok::<(), String>(())
         })?
     };
@@ -130,7 +140,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
         .map_err(|e| BenchError::Mismatch(format!("probe thread: {e}")))??
         .map_err(|e| BenchError::Mismatch(format!("freshness probe: {e}")))?;
     stop.store(true, Relaxed);
-    let h = tokio::task::spawn_blocking(move || join_thread(watching))
+    let (h, h_ack) = tokio::task::spawn_blocking(move || join_thread(watching))
         .await
         .map_err(|e| BenchError::Mismatch(format!("viewer thread: {e}")))??;
     let secs = args.duration.as_secs_f64().max(1e-9);
@@ -142,6 +152,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
         applied_per_second_watched: watched,
         throughput_ratio: if alone > 0.0 { watched / alone } else { 0.0 },
         freshness: summarize(&h, 0),
+        freshness_after_ack: summarize(&h_ack, 0),
         publish_tick_ms: 250,
     })
 }
@@ -209,20 +220,21 @@ async fn drive(
     (back, total)
 }
 
-/// Every `PROBE_EVERY`: notes the time, then raises site 0's count by `PROBE_STEP`.
-async fn run_probe(mut s: RawStream, sent: Arc<Vec<AtomicU64>>, epoch: Instant, duration: Duration) {
+/// Every `PROBE_EVERY`: notes the time, then raises site 0's count in `session` by one.
+async fn run_probe(mut s: RawStream, session: u32, sent: Arc<Vec<[AtomicU64; 2]>>, epoch: Instant, duration: Duration) {
     let base = s.resumed.iter().map(|r| r.1).max().unwrap_or(0);
     let started = Instant::now();
     for k in 1..sent.len() {
         if started.elapsed() >= duration {
             break;
         }
-        sent[k].store(epoch.elapsed().as_micros() as u64, Relaxed);
-        let report = Report { session: 1, seq: base + k as u64, count: k as i64 * PROBE_STEP, reason: String::new() };
+        sent[k][0].store(epoch.elapsed().as_micros() as u64, Relaxed);
+        let report = Report { session, seq: base + k as u64, count: k as i64, reason: String::new() };
         let msg = ReportRequest { kind: Some(report_request::Kind::Batch(ReportBatch { reports: vec![report] })) };
         if s.tx.send(msg).await.is_err() || s.rx.message().await.is_err() {
             break;
         }
+        sent[k][1].store(epoch.elapsed().as_micros() as u64, Relaxed);
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
@@ -232,12 +244,13 @@ async fn run_probe(mut s: RawStream, sent: Arc<Vec<AtomicU64>>, epoch: Instant, 
 async fn viewer(
     http: SocketAddr,
     token: &str,
-    sent: Arc<Vec<AtomicU64>>,
+    session: u32,
+    sent: Arc<Vec<[AtomicU64; 2]>>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
     ready: Arc<AtomicU64>,
-) -> Vec<u32> {
-    let mut seen = Vec::new();
+) -> (Vec<u32>, Vec<u32>) {
+    let (mut seen, mut after_ack) = (Vec::new(), Vec::new());
     let mut sock = None;
     for _ in 0..100 {
         match tokio::net::TcpStream::connect(http).await {
@@ -248,12 +261,12 @@ async fn viewer(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    let Some(mut sock) = sock else { return seen };
+    let Some(mut sock) = sock else { return (seen, after_ack) };
     let req = format!(
-        "GET /api/live?session=all&provinces=false HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+        "GET /api/live?session={session}&provinces=false HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
     );
     if sock.write_all(req.as_bytes()).await.is_err() {
-        return seen;
+        return (seen, after_ack);
     }
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     let mut chunk = [0u8; 2048];
@@ -271,12 +284,19 @@ async fn viewer(
                     first = false;
                     ready.fetch_add(1, Relaxed);
                 }
-                let k = (count / PROBE_STEP).max(0) as usize;
+                let k = count.max(0) as usize;
                 let now = epoch.elapsed().as_micros() as u64;
                 for j in (last_k + 1)..=k.min(sent.len() - 1) {
-                    let t = sent[j].load(Relaxed);
-                    if t > 0 {
-                        seen.push(now.saturating_sub(t).min(u64::from(u32::MAX)) as u32);
+                    let micros = |t: u64| now.saturating_sub(t).min(u64::from(u32::MAX)) as u32;
+                    let (t_sent, t_ack) = (sent[j][0].load(Relaxed), sent[j][1].load(Relaxed));
+                    if t_sent > 0 {
+                        seen.push(micros(t_sent));
+                    }
+                    // The frame can beat the ack to the probe; then the fan-out took no time.
+                    if t_ack > 0 {
+                        after_ack.push(micros(t_ack));
+                    } else if t_sent > 0 {
+                        after_ack.push(0);
                     }
                 }
                 last_k = last_k.max(k);
@@ -284,7 +304,7 @@ async fn viewer(
             buf.drain(..end + 2);
         }
     }
-    seen
+    (seen, after_ack)
 }
 
 /// The national count in an SSE frame (`"national":{…"count":N`).
@@ -300,13 +320,14 @@ fn national_count(frame: &[u8]) -> Option<i64> {
 pub fn print(r: &SseReport, out: &mut impl std::io::Write) {
     let _ = writeln!(
         out,
-        "SSE viewers: {}, {:.0} B server memory per viewer; freshness p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({} samples, tick {} ms); ingest {:.0}/s alone, {:.0}/s watched (ratio {:.2})",
+        "SSE viewers: {}, {:.0} B server memory per viewer; freshness (sent → seen) p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({} samples; acked → seen p99 {:.1} ms; tick {} ms); ingest {:.0}/s alone, {:.0}/s watched (ratio {:.2})",
         r.viewers,
         r.bytes_per_viewer,
         r.freshness.p50_ms,
         r.freshness.p99_ms,
         r.freshness.max_ms,
         r.freshness.samples,
+        r.freshness_after_ack.p99_ms,
         r.publish_tick_ms,
         r.applied_per_second_alone,
         r.applied_per_second_watched,

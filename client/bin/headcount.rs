@@ -287,7 +287,10 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 );
             }
             let report = simulate::run(&args).await?;
-            emit(&mut stdout, args.json, &report, simulate::print_report)?;
+            // With --serve-after the verdict was printed before serving on.
+            if !args.serve_after {
+                emit(&mut stdout, args.json, &report, simulate::print_report)?;
+            }
             Ok(if report.exact() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Site(args) => {

@@ -184,10 +184,14 @@ impl From<&SilentSite> for SilentJson {
     }
 }
 
-/// The contact of a silent site. The registry carries none yet; once `SilentSite` has contact
-/// fields, they go here.
-pub fn contact(_site: &SilentSite) -> String {
-    String::new()
+/// The contact of a silent site from the registry's optional columns: `name, phone`, either
+/// alone, or empty when the registry gives none.
+pub fn contact(site: &SilentSite) -> String {
+    match (site.contact_name.trim(), site.contact_phone.trim()) {
+        ("", phone) => phone.to_owned(),
+        (name, "") => name.to_owned(),
+        (name, phone) => format!("{name}, {phone}"),
+    }
 }
 
 /// A correction as JSON.

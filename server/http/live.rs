@@ -38,8 +38,8 @@ use crate::server::{
 /// An unchanged topic is re-sent this often, so proxies and browsers see a live connection.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// A frame; `None` once the aggregator shuts down (every viewer's stream then ends).
-type Frame = Option<Bytes>;
+/// A complete SSE frame; `None` once the aggregator shuts down (every viewer's stream then ends).
+pub type Frame = Option<Bytes>;
 
 /// The shared live feed. Cheap `Clone`.
 #[derive(Clone)]
@@ -75,6 +75,26 @@ impl Live {
     /// Frames serialised since start.
     pub fn frames(&self) -> u64 {
         self.inner.frames.load(Relaxed)
+    }
+
+    /// The topic of `session` (`all`, absent, or an id) with or without the province table:
+    /// 400 if malformed, 404 if no such session.
+    pub fn topic(agg: &Aggregator, session: Option<String>, provinces: bool) -> Result<usize, HttpError> {
+        let session = super::api::Params { session, ..Default::default() }.session()?;
+        let slot = match agg.session_index(session)? {
+            Some(k) => k + 1,
+            None => 0,
+        };
+        Ok(slot * 2 + usize::from(provinces))
+    }
+
+    /// A new viewer of `topic`: its receiver (the current frame is unseen, so it comes first) and
+    /// the guard that counts it while it lives.
+    pub fn subscribe(&self, topic: usize) -> (watch::Receiver<Frame>, Viewer) {
+        self.inner.viewers.fetch_add(1, Relaxed);
+        let mut rx = self.inner.topics[topic].subscribe();
+        rx.mark_changed();
+        (rx, Viewer(self.inner.clone()))
     }
 }
 
@@ -169,8 +189,8 @@ pub struct LiveParams {
     pub provinces: Option<bool>,
 }
 
-/// Counts a viewer for as long as its stream lives.
-struct Viewer(Arc<Inner>);
+/// Counts a viewer for as long as it lives.
+pub struct Viewer(Arc<Inner>);
 
 impl Drop for Viewer {
     fn drop(&mut self) {
@@ -187,16 +207,9 @@ pub async fn events(
     Query(p): Query<LiveParams>,
 ) -> Result<Response, HttpError> {
     access::check(&st, &headers, true)?;
-    let session = super::api::Params { session: p.session, ..Default::default() }.session()?;
-    let slot = match st.agg.session_index(session)? {
-        Some(k) => k + 1,
-        None => 0,
-    };
-    let topic = slot * 2 + usize::from(p.provinces.unwrap_or(true));
-    let inner = st.live.inner.clone();
-    inner.viewers.fetch_add(1, Relaxed);
-    let viewer = Viewer(inner.clone());
-    let frames = WatchStream::new(inner.topics[topic].subscribe()).take_while(Option::is_some).map(move |f| {
+    let topic = Live::topic(&st.agg, p.session, p.provinces.unwrap_or(true))?;
+    let (rx, viewer) = st.live.subscribe(topic);
+    let frames = WatchStream::from_changes(rx).take_while(Option::is_some).map(move |f| {
         let _counted = &viewer;
         Ok::<Bytes, Infallible>(f.unwrap_or_default())
     });

@@ -11,6 +11,7 @@ pub mod api;
 pub mod assets;
 pub mod error;
 pub mod export;
+pub mod listener;
 pub mod live;
 pub mod metrics;
 
@@ -56,10 +57,18 @@ pub struct HttpState {
 /// The whole HTTP application. Call from inside a tokio runtime: it starts the live publisher
 /// (one task, ends with the aggregator).
 pub fn router(agg: Aggregator, auth: Auth, config: HttpConfig) -> Router {
+    app(state(agg, auth, config))
+}
+
+/// The shared state; starts the live publisher and installs the metrics recorder.
+fn state(agg: Aggregator, auth: Auth, config: HttpConfig) -> HttpState {
     // Before anything is recorded: the `metrics` macros are no-ops until a recorder exists.
     metrics::install();
     let live = live::Live::start(&agg);
-    let state = HttpState { agg, auth, config: Arc::new(config), live };
+    HttpState { agg, auth, config: Arc::new(config), live }
+}
+
+fn app(state: HttpState) -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/assets/{file}", get(assets::file))
@@ -102,11 +111,8 @@ pub fn spawn(
                 }
             };
             let shutdown = agg.shared().shutdown.clone();
-            let app = router(agg, auth, config);
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "HTTP listener failed");
-            }
+            let state = state(agg, auth, config);
+            listener::serve(listener, app(state.clone()), state, shutdown).await;
         });
     })?;
     Ok((addr, thread))

@@ -256,7 +256,9 @@ function drawCurve(points) {
     const h = (Math.max(0, p.delta) / dmax) * (H - 2 * pad) * 0.4;
     return `<rect x="${(X(p.unix_ms) - bw / 2).toFixed(1)}" y="${(H - pad - h).toFixed(1)}" width="${bw.toFixed(1)}" height="${h.toFixed(1)}" fill="#3b5b7a"/>`;
   }).join("");
-  const dot = points.length === 1 ? `<circle cx="${X(x0).toFixed(1)}" cy="${Y(points[0].count).toFixed(1)}" r="4" fill="#f2c14e"/>` : "";
+  // One point: a round dot that the stretched viewBox cannot squash (non-scaling stroke).
+  const [dx, dy] = [X(x0).toFixed(1), Y(points[0].count).toFixed(1)];
+  const dot = points.length === 1 ? `<line x1="${dx}" y1="${dy}" x2="${dx}" y2="${dy}" stroke="#f2c14e" stroke-width="9" stroke-linecap="round" vector-effect="non-scaling-stroke"/>` : "";
   svg.innerHTML = bars + dot + `<polyline points="${line}" fill="none" stroke="#f2c14e" stroke-width="2.5" vector-effect="non-scaling-stroke"/>`;
   text($("#curve-start"), clock(x0));
   text($("#curve-max"), num(ymax));

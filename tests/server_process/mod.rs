@@ -23,7 +23,15 @@ pub struct DataDir {
     pub root: tempfile::TempDir,
     pub data: PathBuf,
     pub registry: Registry,
+    /// `--snapshot-interval`.
+    pub snapshot_interval: &'static str,
+    /// `--curve-bucket`.
+    pub curve_bucket: &'static str,
 }
+
+/// One row of `sites.csv`: id, name, province code, province name, commune id, commune name,
+/// registered, desks.
+pub type SiteRow = [String; 8];
 
 static STARTS: AtomicU64 = AtomicU64::new(0);
 
@@ -31,7 +39,7 @@ impl DataDir {
     pub fn new(registry: Registry) -> Self {
         let root = tempfile::tempdir().unwrap();
         let data = root.path().join("data");
-        let d = Self { root, data, registry };
+        let d = Self { root, data, registry, snapshot_interval: "100ms", curve_bucket: "60s" };
         d.write_registry(&d.registry.clone());
         d
     }
@@ -41,6 +49,34 @@ impl DataDir {
         let sites = std::fs::File::create(self.root.path().join("sites.csv")).unwrap();
         let sessions = std::fs::File::create(self.root.path().join("sessions.csv")).unwrap();
         headcount::server::registry::csv::write(reg, sites, sessions).unwrap();
+    }
+
+    /// The rows of a registry's `sites.csv` and `sessions.csv`.
+    pub fn rows(reg: &Registry) -> (Vec<SiteRow>, Vec<[String; 3]>) {
+        let sites = reg
+            .sites
+            .iter()
+            .map(|s| {
+                let p = &reg.provinces[s.province as usize];
+                let c = &reg.communes[s.commune as usize];
+                [&s.id, &s.name, &p.code, &p.name, &c.id, &c.name, &s.registered.to_string(), &s.desks.to_string()]
+                    .map(|x| x.to_string())
+            })
+            .collect();
+        let sessions = reg.sessions.iter().map(|s| [s.id.to_string(), s.name.clone(), s.starts_at.clone()]).collect();
+        (sites, sessions)
+    }
+
+    /// Rewrites the registry files from rows.
+    pub fn write_rows(&self, sites: &[SiteRow], sessions: &[[String; 3]]) {
+        let mut w = csv::Writer::from_path(self.root.path().join("sites.csv")).unwrap();
+        w.write_record(headcount::server::registry::csv::SITES_HEADER).unwrap();
+        sites.iter().for_each(|r| w.write_record(r).unwrap());
+        w.flush().unwrap();
+        let mut w = csv::Writer::from_path(self.root.path().join("sessions.csv")).unwrap();
+        w.write_record(headcount::server::registry::csv::SESSIONS_HEADER).unwrap();
+        sessions.iter().for_each(|r| w.write_record(r).unwrap());
+        w.flush().unwrap();
     }
 
     fn command(&self, addr_file: &Path, failpoints: Option<&str>) -> Command {
@@ -56,7 +92,9 @@ impl DataDir {
             .arg("--data-dir")
             .arg(&self.data)
             .arg("--snapshot-interval")
-            .arg("100ms")
+            .arg(self.snapshot_interval)
+            .arg("--curve-bucket")
+            .arg(self.curve_bucket)
             .arg("--grace")
             .arg("2s")
             .env("HEADCOUNT_AUTH_SECRET", std::str::from_utf8(SECRET).unwrap())

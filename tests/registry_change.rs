@@ -38,11 +38,9 @@ async fn write(url: &str, site: &str, desk: u32, session: u32, count: i64) {
     assert_eq!(ack.applied.len(), 1, "{ack:?}");
 }
 
-fn reader(url: String) -> impl std::future::Future<Output = common::Reader> {
-    async move {
-        let auth = Auth::new(SECRET).unwrap();
-        common::Reader::new(channel_to(&url).await, Some(auth.read_token("test")))
-    }
+async fn reader(url: String) -> common::Reader {
+    let auth = Auth::new(SECRET).unwrap();
+    common::Reader::new(channel_to(&url).await, Some(auth.read_token("test")))
 }
 
 /// The curve of every province, by code: `(bucket start, count)` points.

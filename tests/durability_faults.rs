@@ -199,6 +199,13 @@ impl Rig {
     /// "Crashes" (every later file operation fails), copies the directory as it is, recovers
     /// the copy with real files, and returns the recovered state of `(desk 1, session index 0)`.
     async fn crash_and_recover(self) -> (u64, i64) {
+        let (agg, state) = self.crash_and_open().await;
+        tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
+        state
+    }
+
+    /// [`Rig::crash_and_recover`], returning the recovered aggregator too (to be closed).
+    async fn crash_and_open(self) -> (Aggregator, (u64, i64)) {
         self.faults.frozen.store(true, SeqCst);
         let copy = self.dir.path().join("copy");
         std::fs::create_dir_all(&copy).unwrap();
@@ -210,9 +217,9 @@ impl Rig {
             Aggregator::open(registry(), test_config(), DurabilityConfig::new(&copy)).expect("recovery of the copy");
         let site = agg.registry().site(SITE).unwrap();
         let reg = agg.shared().registers.get(RegisterKey { site, desk: 1, session: 0 });
-        let closing = [agg, self.agg];
-        tokio::task::spawn_blocking(move || closing.iter().for_each(Aggregator::close)).await.unwrap();
-        (reg.seq, reg.count)
+        let crashed = self.agg;
+        tokio::task::spawn_blocking(move || crashed.close()).await.unwrap();
+        (agg, (reg.seq, reg.count))
     }
 }
 
@@ -328,4 +335,30 @@ async fn a_second_aggregator_on_the_same_directory_is_refused() {
     // The first one is untouched and keeps everything.
     let acked = send_acked(&mut s, 1..6).await;
     assert_eq!(rig.crash_and_recover().await, (acked, acked as i64 * 3));
+}
+
+/// A correction is in the audit trail a snapshot captures: after several snapshots have retired
+/// the journal that held it, a crash and recovery still show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_survives_the_snapshots_that_retire_its_journal() {
+    let rig = Rig::start(Duration::from_millis(20)).await;
+    let mut s = rig.stream().await;
+    s.send_batch(vec![report(1, 1, 30)]).await;
+    let ack = s.send_batch(vec![common::correction(1, 2, 6, "double scan")]).await;
+    assert_eq!(ack.applied[0].count, 6);
+    let data = rig.dir.path().join("data");
+    let first_journal = data.join("journal-0000000001.log");
+    eventually("the journal holding the correction retired", DEADLINE, || {
+        let gone = !first_journal.exists();
+        async move { if gone { Ok(()) } else { Err("journal 1 still there".to_owned()) } }
+    })
+    .await;
+    let (agg, state) = rig.crash_and_open().await;
+    assert_eq!(state, (2, 6));
+    let audit = agg.shared().audit.all();
+    assert!(
+        audit.iter().any(|c| c.seq == 2 && c.previous_count == 30 && c.count == 6 && c.reason == "double scan"),
+        "correction lost from the audit trail: {audit:?}"
+    );
+    tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
 }

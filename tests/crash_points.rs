@@ -101,20 +101,25 @@ fn sites_of(reg: &Registry, n: usize) -> Vec<String> {
     reg.sites.iter().rev().take(n).map(|s| s.id.clone()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_at_each_journal_point_loses_nothing_acknowledged() {
-    let reg = small();
-    for point in ["journal-before-write", "journal-after-write", "journal-after-sync", "flush-before-ack"] {
-        crash_at(reg.clone(), sites_of(&reg, 6), point, "12*off->return").await;
-    }
+/// One test per crash point: `$name` crashes at `$point` after `$actions`.
+macro_rules! crash_point_test {
+    ($($name:ident: $point:literal, $actions:literal;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let reg = small();
+            crash_at(reg.clone(), sites_of(&reg, 6), $point, $actions).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_at_each_snapshot_point_loses_nothing_acknowledged() {
-    let reg = small();
-    for point in ["snapshot-mid-write", "snapshot-before-rename", "snapshot-after-rename"] {
-        crash_at(reg.clone(), sites_of(&reg, 6), point, "4*off->return").await;
-    }
+crash_point_test! {
+    crash_before_a_journal_write_loses_nothing_acknowledged: "journal-before-write", "12*off->return";
+    crash_after_a_journal_write_before_its_sync_loses_nothing_acknowledged: "journal-after-write", "12*off->return";
+    crash_after_a_journal_sync_loses_nothing_acknowledged: "journal-after-sync", "12*off->return";
+    crash_between_commit_and_ack_loses_nothing_acknowledged: "flush-before-ack", "12*off->return";
+    crash_inside_a_snapshot_write_loses_nothing_acknowledged: "snapshot-mid-write", "4*off->return";
+    crash_before_a_snapshot_rename_loses_nothing_acknowledged: "snapshot-before-rename", "4*off->return";
+    crash_after_a_snapshot_rename_loses_nothing_acknowledged: "snapshot-after-rename", "4*off->return";
 }
 
 /// Writes after a snapshot, then a crash: recovery must replay the journal that starts at the

@@ -4,8 +4,12 @@
 //! registers changed) it writes the *latest* state of each register changed since the previous
 //! flush — so journal bandwidth is bounded by the number of registers, not the report rate —
 //! plus queued corrections and curve samples, then fsyncs. Streams hold each ack until the flush
-//! covering its batch is durable ("acked means durable"). Periodically, and on shutdown, it
-//! rotates the journal and writes a snapshot, which retires older journals.
+//! covering its batch is durable ("acked means durable"). A failed commit is kept, whole, and
+//! retried with backoff (see [`journal`] for what happens to the file); nothing is published as
+//! durable until it succeeds. Periodically, and on shutdown, it rotates the journal and writes a
+//! snapshot (see [`snapshot`] for what it retires).
+//!
+//! This module knows nothing of the aggregator: the flusher reads the state through [`Source`].
 
 pub mod failpoints;
 pub mod fs;
@@ -14,6 +18,7 @@ pub mod record;
 pub mod recover;
 pub mod snapshot;
 pub mod store;
+
 use std::{
     path::PathBuf,
     sync::{

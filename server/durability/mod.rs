@@ -141,8 +141,8 @@ impl Durability {
 pub trait Source: Send + Sync + 'static {
     /// Registers changed since the previous call, with their current state.
     fn take_dirty(&self) -> Vec<(RegisterKey, Register)>;
-    /// The record of a register, keyed by ids.
-    fn register_record(&self, key: RegisterKey, reg: Register) -> Record;
+    /// Appends the framed record of a register, keyed by ids (see [`Record::encode_register`]).
+    fn encode_register(&self, key: RegisterKey, reg: Register, out: &mut Vec<u8>);
     /// Everything a snapshot holds: every register, the audit trail, the curve.
     fn snapshot(&self) -> Vec<Record>;
     /// Wakes `thread` when about `records` registers changed.
@@ -219,7 +219,7 @@ fn run(mut f: Flusher) {
         if !registers.is_empty() || !extra.is_empty() {
             buf.clear();
             for (key, reg) in &registers {
-                f.source.register_record(*key, *reg).encode(&mut buf);
+                f.source.encode_register(*key, *reg, &mut buf);
             }
             for rec in &extra {
                 rec.encode(&mut buf);

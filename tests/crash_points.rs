@@ -175,7 +175,7 @@ async fn a_stalled_journal_holds_acks_and_resumes() {
     let mut stalled = false;
     for seq in 1..=40u64 {
         s.tx.send(batch(vec![report(1, seq, seq as i64 * 2)])).await.unwrap();
-        match tokio::time::timeout(Duration::from_secs(2), s.rx.message()).await {
+        match tokio::time::timeout(Duration::from_secs(5), s.rx.message()).await {
             Ok(Ok(Some(ReportResponse { kind: Some(report_response::Kind::Ack(ack)) }))) => acked = ack.applied[0].seq,
             Ok(other) => panic!("unexpected end of the stream: {other:?}"),
             Err(_) => {

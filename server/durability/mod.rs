@@ -216,6 +216,9 @@ fn run(mut f: Flusher) {
         let n = d.started.fetch_add(1, SeqCst) + 1;
         registers.extend(f.source.take_dirty());
         extra.append(&mut d.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if failures > 0 {
+            coalesce_curve(&mut extra);
+        }
         if !registers.is_empty() || !extra.is_empty() {
             buf.clear();
             for (key, reg) in &registers {
@@ -263,6 +266,22 @@ fn run(mut f: Flusher) {
     }
 }
 
+/// Keeps only the newest curve sample of each bucket (recovery keeps only that one anyway), so
+/// that what waits for a failing journal stays bounded by buckets, not by sweeps.
+fn coalesce_curve(extra: &mut Vec<Record>) {
+    let mut seen = rustc_hash::FxHashSet::default();
+    let keep: Vec<bool> = extra
+        .iter()
+        .rev()
+        .map(|r| match r {
+            Record::Curve(c) => seen.insert(c.unix_ms),
+            _ => true,
+        })
+        .collect();
+    let mut keep = keep.into_iter().rev();
+    extra.retain(|_| keep.next().unwrap_or(true));
+}
+
 /// Commits a group; on a broken journal first moves to a new one (the group is written whole).
 fn commit(journal: &mut Journal, buf: &[u8]) -> Result<(), store::StoreError> {
     if journal.is_broken() {
@@ -278,4 +297,19 @@ fn snapshot(f: &mut Flusher) -> Result<PathBuf, store::StoreError> {
     f.journal = f.journal.next()?;
     let records = f.source.snapshot();
     write_snapshot(&*f.io, &f.durability.config.dir, f.journal.generation(), records.into_iter())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{coalesce_curve, record::CurveRecord};
+    use crate::{proto::v1::Correction, server::durability::record::Record};
+
+    #[test]
+    fn waiting_curve_samples_keep_the_newest_of_each_bucket_and_every_other_record() {
+        let curve = |unix_ms, n| Record::Curve(CurveRecord { unix_ms, sessions: vec![n], rows: vec![] });
+        let correction = Record::Correction(Correction { seq: 9, ..Correction::default() });
+        let mut extra = vec![curve(0, 1), correction.clone(), curve(0, 2), curve(60, 3), curve(60, 4), curve(120, 5)];
+        coalesce_curve(&mut extra);
+        assert_eq!(extra, vec![correction, curve(0, 2), curve(60, 4), curve(120, 5)]);
+    }
 }

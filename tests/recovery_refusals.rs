@@ -93,5 +93,12 @@ async fn a_damaged_header_a_missing_journal_and_an_unknown_record_are_refused() 
     let err = dir.start_failing();
     assert!(err.contains("journal-0000000001.log"), "{err}");
     std::fs::rename(&aside, &journals[0]).unwrap();
+    // A journal of the earlier data format.
+    let mut old = good.clone();
+    old[..8].copy_from_slice(b"HCJOURN1");
+    std::fs::write(&last, &old).unwrap();
+    let err = dir.start_failing();
+    assert!(err.contains(&*last.to_string_lossy()) && err.contains("earlier headcount-server"), "{err}");
+    std::fs::write(&last, &good).unwrap();
     assert_all_there(&dir).await;
 }

@@ -141,7 +141,8 @@ pub fn summary_line(t: &ScopeTotals) -> String {
     )
 }
 
-fn table(children: &[ScopeTotals]) -> String {
+/// The children's table (a header line, then one line per child).
+pub fn table(children: &[ScopeTotals]) -> String {
     let mut out = format!(
         "{:<10} {:<32} {:>12} {:>12} {:>8} {:>15}\n",
         "id", "name", "checked in", "registered", "turnout", "sites reporting"

@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod metadata;
+pub mod schedule;
 
 /// Version 1 of the Headcount protocol.
 pub mod v1 {

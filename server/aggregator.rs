@@ -16,18 +16,20 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     audit::Audit,
+    clock::Clock,
     curve::Curve,
     durability::{
         self, Durability,
-        record::{CurveRecord, Record},
+        record::{CurveRecord, InstallRecord, Record},
     },
     error::Error,
+    installs::{Claim, Installs},
     liveness::Liveness,
     registers::{Outcome, Register, RegisterKey, Registers},
     registry::Registry,
     tally::Tallies,
 };
-use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch, Resume, SessionInfo};
+use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch, Resume};
 
 /// Tunables of the aggregator's model (transport limits live in the server config).
 #[derive(Debug, Clone)]
@@ -50,6 +52,11 @@ pub struct AggregatorConfig {
     pub audit_capacity: usize,
     /// How often watchers get coalesced updates.
     pub publish_tick: Duration,
+    /// Monotonic time for durations, wall time for display (injectable for tests).
+    pub clock: Clock,
+    /// Most agent installs (register slots) per site; beyond, a new install's stream is refused
+    /// with `RESOURCE_EXHAUSTED`.
+    pub max_agents_per_site: u16,
 }
 
 impl Default for AggregatorConfig {
@@ -58,12 +65,14 @@ impl Default for AggregatorConfig {
             silent_after: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(1),
             max_count: 100_000,
-            max_batch: 1024,
-            max_reason: 256,
+            max_batch: super::limits::DEFAULT_MAX_BATCH,
+            max_reason: super::limits::DEFAULT_MAX_REASON,
             curve_bucket: Duration::from_secs(60),
             curve_capacity: 7 * 24 * 60,
             audit_capacity: 100_000,
             publish_tick: Duration::from_millis(250),
+            clock: Clock::system(),
+            max_agents_per_site: 16,
         }
     }
 }
@@ -93,18 +102,6 @@ impl StatCounter {
     fn get(&self) -> u64 {
         self.0.iter().map(|c| c.load(Relaxed)).sum()
     }
-}
-
-/// One report applied to its register.
-struct Applied {
-    /// The register afterwards.
-    register: Register,
-    /// Session index.
-    session: usize,
-    /// Change in count to roll up.
-    delta: i64,
-    /// Whether the register changed (else the report was stale or a duplicate).
-    changed: bool,
 }
 
 /// Counters describing what the aggregator did since start.
@@ -138,6 +135,8 @@ pub struct Shared {
     pub curve: Curve,
     /// Corrections.
     pub audit: Audit,
+    /// Register slots of agent installs.
+    pub installs: Installs,
     applied: StatCounter,
     unchanged: StatCounter,
     rejected: StatCounter,
@@ -156,7 +155,7 @@ pub struct Aggregator {
     shared: Arc<Shared>,
 }
 
-/// Wall-clock Unix milliseconds.
+/// Wall-clock Unix milliseconds (display only: durations use [`Clock::mono_ms`]).
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -184,6 +183,7 @@ impl Aggregator {
         let liveness = Liveness::new(registry.sites.len(), config.silent_after.as_millis() as i64);
         let curve = Curve::new(config.curve_bucket.as_millis() as i64, config.curve_capacity);
         let audit = Audit::new(config.audit_capacity);
+        let installs = Installs::new(config.max_agents_per_site);
         Self {
             shared: Arc::new(Shared {
                 registry,
@@ -193,6 +193,7 @@ impl Aggregator {
                 liveness,
                 curve,
                 audit,
+                installs,
                 applied: StatCounter::new(),
                 unchanged: StatCounter::new(),
                 rejected: StatCounter::new(),
@@ -237,6 +238,40 @@ impl Aggregator {
         Ok(ReporterId { site, desk: desk as u16 })
     }
 
+    /// Resolves a site id and an agent install id to the install's register slot, claiming a
+    /// new slot for an install seen for the first time; with a journal, returns only once the
+    /// claim is durable. Errors: `NOT_FOUND` (site), `INVALID_ARGUMENT` (install id),
+    /// `RESOURCE_EXHAUSTED` (the site's installs are at `max_agents_per_site`), `UNAVAILABLE`
+    /// (shutting down before the claim was durable).
+    pub async fn install_reporter(
+        &self,
+        site_id: &str,
+        install: &str,
+        desk: u32,
+    ) -> Result<(ReporterId, Claim), Error> {
+        let s = &self.shared;
+        let site = s.registry.site(site_id).ok_or_else(|| Error::UnknownSite(site_id.to_owned()))?;
+        let claim = s.installs.claim(site, site_id, install, desk)?;
+        if claim.new {
+            tracing::info!(site = %site_id, desk, slot = claim.slot, agents = claim.site_agents, "new agent install");
+            if let Some(d) = &s.durability {
+                let mut durable = d.subscribe(site as usize);
+                d.push(Record::Install(InstallRecord {
+                    site: site_id.to_owned(),
+                    slot: u32::from(claim.slot),
+                    desk,
+                    id: install.to_owned(),
+                }));
+                let target = d.target();
+                d.wake();
+                if durable.wait_for(|n| *n >= target).await.is_err() {
+                    return Err(Error::Unavailable("aggregator stopping; retry".into()));
+                }
+            }
+        }
+        Ok((ReporterId { site, desk: claim.register_desk() }, claim))
+    }
+
     /// The resume handshake: what the aggregator holds for this reporter.
     pub fn resume(&self, r: ReporterId) -> Resume {
         let s = &self.shared;
@@ -250,18 +285,14 @@ impl Aggregator {
                 (reg.seq > 0).then_some(RegisterState { session: session.id, seq: reg.seq, count: reg.count })
             })
             .collect();
-        s.liveness.touch(r.site, now_ms(), &s.tallies);
+        s.liveness.touch(r.site, s.config.clock.mono_ms(), &s.tallies);
         Resume {
             site_id: s.registry.sites[r.site as usize].id.clone(),
             desk: u32::from(r.desk),
             registers,
             sessions: s.registry.sessions.iter().map(|x| x.id).collect(),
-            schedule: s
-                .registry
-                .sessions
-                .iter()
-                .map(|x| SessionInfo { id: x.id, name: x.name.clone(), ..SessionInfo::default() })
-                .collect(),
+            schedule: s.registry.schedule(),
+            ..Resume::default()
         }
     }
 
@@ -283,7 +314,7 @@ impl Aggregator {
     /// A heartbeat: the site is alive.
     pub fn heartbeat(&self, r: ReporterId) {
         let s = &self.shared;
-        s.liveness.touch(r.site, now_ms(), &s.tallies);
+        s.liveness.touch(r.site, s.config.clock.mono_ms(), &s.tallies);
     }
 
     /// Checks a report without touching any state.
@@ -312,106 +343,130 @@ impl Aggregator {
         Ok(session)
     }
 
-    /// Applies one report to its register. Leaves the rollups and the applied/unchanged
-    /// statistics to the caller (see [`Applied`]).
-    fn apply(&self, r: ReporterId, report: &Report, now: i64) -> Result<Applied, Error> {
-        let s = &self.shared;
-        let session = self.validate(report)?;
-        let key = RegisterKey { site: r.site, desk: r.desk, session };
-        match s.registers.apply(key, report.seq, report.count) {
-            Outcome::Applied { previous, current } => {
-                let delta = current.count - previous.count;
-                if delta < 0 {
-                    let c = Correction {
-                        site_id: s.registry.sites[r.site as usize].id.clone(),
-                        desk: u32::from(r.desk),
-                        session: report.session,
-                        seq: report.seq,
-                        previous_count: previous.count,
-                        count: current.count,
-                        reason: report.reason.clone(),
-                        unix_ms: now,
-                    };
-                    // Audit first: a snapshot taken before the push must hold it (see `push`).
-                    s.audit.record(c.clone());
-                    if let Some(d) = &s.durability {
-                        d.push(Record::Correction(c));
-                    }
-                }
-                Ok(Applied { register: current, session: session as usize, delta, changed: true })
-            }
-            Outcome::Unchanged(stored) => {
-                Ok(Applied { register: stored, session: session as usize, delta: 0, changed: false })
-            }
-            Outcome::Conflict(stored) => {
-                tracing::warn!(
-                    site = %s.registry.sites[r.site as usize].id, desk = r.desk, session = report.session,
-                    seq = report.seq, stored = stored.count, reported = report.count,
-                    "conflicting report rejected"
-                );
-                Err(Error::Conflict { seq: report.seq, stored: stored.count, reported: report.count })
-            }
-        }
-    }
-
-    /// Applies a batch report by report and builds its ack. The rollups get one add per session
-    /// per batch (the batch's net change), not one per report: every report still goes through
-    /// the counting rule on its register, but the eight shared counters a report would touch
-    /// were a fifth of the aggregator's time at 64 reports per batch.
+    /// Applies a batch report by report and builds its ack. Each session's reports go to their
+    /// register in one run under its shard lock, and the run's net change is added to the rollups
+    /// before that lock is released (see [`Registers::apply_run`]): one add per session per
+    /// batch (the eight shared counters a report would touch were a fifth of the aggregator's time
+    /// at 64 reports per batch), and the rollups of two streams writing one register land in the
+    /// order their changes were applied, so no reader sees a total that never existed.
     pub fn apply_batch(&self, r: ReporterId, batch: &ReportBatch) -> Ack {
         let s = &self.shared;
-        let now = now_ms();
+        let now = s.config.clock.mono_ms();
         s.batches.add(r.site, 1);
         s.liveness.touch(r.site, now, &s.tallies);
         let mut ack = Ack::default();
         if batch.reports.len() > s.config.max_batch {
+            // ONE rejection for the whole batch, whatever its length: a rejection per report
+            // would let a small message of empty reports cost many times its size to answer.
+            s.rejected.add(r.site, batch.reports.len() as u64);
             let err = Error::InvalidArgument(format!(
-                "batch has {} reports, at most {} allowed; nothing applied",
+                "batch has {} reports, at most {} allowed; nothing of it was applied",
                 batch.reports.len(),
                 s.config.max_batch
             ));
-            s.rejected.add(r.site, batch.reports.len() as u64);
-            ack.rejections = batch.reports.iter().map(|rep| self.rejection(r, rep, &err)).collect();
+            tracing::info!(
+                site = %s.registry.sites[r.site as usize].id, desk = r.desk, reports = batch.reports.len(),
+                "oversized batch refused"
+            );
+            ack.rejections.push(Rejection {
+                code: err.code() as i32,
+                message: err.to_string(),
+                ..Rejection::default()
+            });
             return ack;
         }
-        // Per entry of `ack.applied`: the session index and the net change to roll up.
-        let mut rollup: Vec<(usize, i64)> = Vec::new();
-        let mut changed = 0;
+        // Valid reports with their session index; invalid ones are refused before any lock.
+        let mut valid: Vec<(u16, &Report)> = Vec::with_capacity(batch.reports.len());
         for report in &batch.reports {
-            match self.apply(r, report, now) {
-                Ok(Applied { register: reg, session, delta, changed: c }) => {
-                    changed += u64::from(c);
-                    // One entry per session: a later report of the same session supersedes.
-                    match ack.applied.iter().position(|a| a.session == report.session) {
-                        Some(i) => {
-                            ack.applied[i].seq = reg.seq;
-                            ack.applied[i].count = reg.count;
-                            rollup[i].1 += delta;
-                        }
-                        None => {
-                            ack.applied.push(RegisterState { session: report.session, seq: reg.seq, count: reg.count });
-                            rollup.push((session, delta));
-                        }
-                    }
-                }
-                Err(err) => {
-                    s.rejected.add(r.site, 1);
-                    tracing::debug!(
-                        site = %s.registry.sites[r.site as usize].id, desk = r.desk,
-                        session = report.session, seq = report.seq, error = %err, "report rejected"
-                    );
-                    ack.rejections.push(self.rejection(r, report, &err));
-                }
+            match self.validate(report) {
+                Ok(session) => valid.push((session, report)),
+                Err(err) => self.refuse(r, report, &err, &mut ack),
             }
         }
-        for (session, delta) in rollup {
-            if delta != 0 {
-                s.tallies.add(r.site, session, delta, now);
+        let mut changed = 0u64;
+        let mut done = vec![false; valid.len()];
+        for first in 0..valid.len() {
+            if done[first] {
+                continue;
+            }
+            let session = valid[first].0;
+            let run: Vec<&Report> = (first..valid.len())
+                .filter(|&j| valid[j].0 == session)
+                .map(|j| {
+                    done[j] = true;
+                    valid[j].1
+                })
+                .collect();
+            let key = RegisterKey { site: r.site, desk: r.desk, session };
+            let mut outcomes = Vec::with_capacity(run.len());
+            s.registers.apply_run(
+                key,
+                run.iter().map(|rep| (rep.seq, rep.count)),
+                |i, o| outcomes.push((i, o)),
+                |delta| s.tallies.add(r.site, session as usize, delta, now),
+            );
+            let mut last: Option<Register> = None;
+            for (i, outcome) in outcomes {
+                let report = run[i];
+                match outcome {
+                    Outcome::Applied { previous, current } => {
+                        changed += 1;
+                        last = Some(current);
+                        if current.count < previous.count {
+                            self.record_correction(r, report, previous, current);
+                        }
+                    }
+                    Outcome::Unchanged(stored) => last = Some(stored),
+                    Outcome::Conflict(stored) => {
+                        tracing::warn!(
+                            site = %s.registry.sites[r.site as usize].id, desk = r.desk, session = report.session,
+                            seq = report.seq, stored = stored.count, reported = report.count,
+                            "conflicting report rejected"
+                        );
+                        let err = Error::Conflict { seq: report.seq, stored: stored.count, reported: report.count };
+                        self.refuse(r, report, &err, &mut ack);
+                    }
+                }
+            }
+            if let Some(reg) = last {
+                ack.applied.push(RegisterState { session: valid[first].1.session, seq: reg.seq, count: reg.count });
             }
         }
         s.applied.add(r.site, changed);
         s.unchanged.add(r.site, batch.reports.len() as u64 - changed - ack.rejections.len() as u64);
         ack
+    }
+
+    /// Records a refused report in the statistics and the ack.
+    fn refuse(&self, r: ReporterId, report: &Report, err: &Error, ack: &mut Ack) {
+        let s = &self.shared;
+        s.rejected.add(r.site, 1);
+        tracing::debug!(
+            site = %s.registry.sites[r.site as usize].id, desk = r.desk,
+            session = report.session, seq = report.seq, error = %err, "report rejected"
+        );
+        ack.rejections.push(self.rejection(r, report, err));
+    }
+
+    /// Adds a lowering of a register to the audit trail (and the journal).
+    fn record_correction(&self, r: ReporterId, report: &Report, previous: Register, current: Register) {
+        let s = &self.shared;
+        let c = Correction {
+            site_id: s.registry.sites[r.site as usize].id.clone(),
+            desk: u32::from(r.desk),
+            session: report.session,
+            seq: report.seq,
+            previous_count: previous.count,
+            count: current.count,
+            reason: report.reason.clone(),
+            // Displayed: the wall clock (monotonic time orders nothing here).
+            unix_ms: s.config.clock.wall_ms(),
+        };
+        // Audit first: a snapshot taken before the push must hold it (see `Durability::push`).
+        s.audit.record(c.clone());
+        if let Some(d) = &s.durability {
+            d.push(Record::Correction(c));
+        }
     }
 
     fn rejection(&self, r: ReporterId, report: &Report, err: &Error) -> Rejection {
@@ -424,7 +479,7 @@ impl Aggregator {
             session: report.session,
             seq: report.seq,
             code: err.code() as i32,
-            message: err.to_string(),
+            message: super::limits::cut_message(err.to_string()),
             current,
         }
     }
@@ -450,9 +505,12 @@ impl Aggregator {
     /// One sweep and one curve sample, now.
     pub fn sweep_now(&self) {
         let s = &self.shared;
-        let now = now_ms();
-        s.liveness.sweep(now, &s.registry, &s.tallies);
-        let bucket = s.curve.bucket_start(now);
+        let jump = s.config.clock.reanchor();
+        if jump != 0 {
+            tracing::warn!(jump_ms = jump, "the wall clock moved; displayed times follow it, durations do not");
+        }
+        s.liveness.sweep(s.config.clock.mono_ms(), &s.registry, &s.tallies);
+        let bucket = s.curve.bucket_start(s.config.clock.wall_ms());
         let sample = Curve::read(&s.tallies, s.registry.provinces.len(), bucket);
         // Curve first: a snapshot taken before the push must hold it (see `push`).
         let record = s.durability.as_ref().map(|_| Record::Curve(CurveRecord::from_sample(&s.registry, &sample)));

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use super::{
     aggregator::AggregatorConfig,
     durability::DurabilityConfig,
+    limits,
     registry::{
         self, Registry,
         generate::{DEFAULT_SEED, GenerateOptions},
@@ -29,13 +30,21 @@ pub struct ServerArgs {
     /// Write the bound address to this file once listening (useful with `--listen 127.0.0.1:0`).
     #[arg(long, env = "HEADCOUNT_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
-    /// Registry sites file (CSV, see README). Without it, the built-in reference registry.
+    /// Registry sites file (CSV as a spreadsheet saves it, see README "Registry"). Required,
+    /// unless --reference-registry.
     #[arg(long, env = "HEADCOUNT_SITES", requires = "sessions")]
     pub sites: Option<PathBuf>,
-    /// Registry sessions file (CSV, see README).
+    /// Registry sessions file (CSV, see README "Registry").
     #[arg(long, env = "HEADCOUNT_SESSIONS", requires = "sites")]
     pub sessions: Option<PathBuf>,
-    /// Seed of the built-in reference registry (when no --sites is given).
+    /// IANA time zone of the sessions file's times where a row has no `time_zone`.
+    #[arg(long, env = "HEADCOUNT_TIME_ZONE", default_value = registry::sessions::DEFAULT_TIME_ZONE)]
+    pub time_zone: String,
+    /// Serve the built-in reference registry (10,035 synthetic sites, for simulations and tests)
+    /// instead of --sites/--sessions.
+    #[arg(long, env = "HEADCOUNT_REFERENCE_REGISTRY", conflicts_with_all = ["sites", "sessions"])]
+    pub reference_registry: bool,
+    /// Seed of the built-in reference registry (with --reference-registry).
     #[arg(long, env = "HEADCOUNT_SEED", default_value_t = DEFAULT_SEED)]
     pub seed: u64,
     /// Secret that signs site and read tokens (at least 16 bytes). Mint tokens with `headcount token`.
@@ -53,6 +62,10 @@ pub struct ServerArgs {
     /// Hard ceiling on one desk's count for one session (above: OUT_OF_RANGE).
     #[arg(long, env = "HEADCOUNT_MAX_COUNT", default_value_t = 100_000)]
     pub max_count: i64,
+    /// Most site-agent installs (register slots) per site; a further install's stream is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HEADCOUNT_MAX_AGENTS_PER_SITE", default_value_t = 16)]
+    pub max_agents_per_site: u16,
     /// Most concurrent streams on one HTTP/2 connection (tonic's default is unlimited).
     #[arg(long, env = "HEADCOUNT_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
     pub max_streams_per_connection: u32,
@@ -71,9 +84,16 @@ pub struct ServerArgs {
     /// How long a keepalive ping may go unanswered before the connection is closed.
     #[arg(long, env = "HEADCOUNT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub keepalive_timeout: Duration,
-    /// Largest accepted message, bytes.
-    #[arg(long, env = "HEADCOUNT_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
+    /// Largest accepted message, bytes (above: RESOURCE_EXHAUSTED, the stream ends). Must hold a
+    /// full batch (--max-batch reports with --max-reason-bytes reasons) and its ack.
+    #[arg(long, env = "HEADCOUNT_MAX_MESSAGE_BYTES", default_value_t = limits::DEFAULT_MAX_MESSAGE)]
     pub max_message_bytes: usize,
+    /// Most reports in one batch (above: the batch is refused with one INVALID_ARGUMENT rejection).
+    #[arg(long, env = "HEADCOUNT_MAX_BATCH", default_value_t = limits::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+    /// Longest correction reason, bytes (above: that report is refused, INVALID_ARGUMENT).
+    #[arg(long, env = "HEADCOUNT_MAX_REASON_BYTES", default_value_t = limits::DEFAULT_MAX_REASON)]
+    pub max_reason_bytes: usize,
     /// Data directory for the journal and snapshots.
     #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = "headcount-data")]
     pub data_dir: PathBuf,
@@ -103,14 +123,30 @@ pub enum ConfigError {
     /// The registry files are unusable.
     #[error("registry: {0}")]
     Registry(#[from] registry::csv::LoadError),
+    /// A setting is out of its range or does not fit with another.
+    #[error("setting: {0}")]
+    Limit(#[from] limits::LimitError),
+    /// Neither registry files nor `--reference-registry` were given.
+    #[error(
+        "no registry: give the event's files with --sites FILE --sessions FILE (see README, \"Registry\"), or \
+         --reference-registry to serve the built-in synthetic 10,035-site registry (simulations and tests only)"
+    )]
+    NoRegistry,
 }
 
 impl ServerArgs {
-    /// Loads the registry the flags point at.
+    /// Loads the registry the flags point at: the files, or the reference registry when asked
+    /// for explicitly; neither is [`ConfigError::NoRegistry`].
     pub fn registry(&self) -> Result<Registry, ConfigError> {
         match (&self.sites, &self.sessions) {
-            (Some(sites), Some(sessions)) => Ok(registry::csv::load(sites, sessions)?),
-            _ => Ok(registry::generate::generate(&GenerateOptions { seed: self.seed, ..GenerateOptions::default() })),
+            (Some(sites), Some(sessions)) => {
+                let options = registry::csv::LoadOptions { time_zone: self.time_zone.clone() };
+                Ok(registry::csv::load_with(sites, sessions, &options)?)
+            }
+            _ if self.reference_registry => {
+                Ok(registry::generate::generate(&GenerateOptions { seed: self.seed, ..GenerateOptions::default() }))
+            }
+            _ => Err(ConfigError::NoRegistry),
         }
     }
 
@@ -121,6 +157,9 @@ impl ServerArgs {
             publish_tick: self.publish_tick,
             curve_bucket: self.curve_bucket,
             max_count: self.max_count,
+            max_batch: self.max_batch,
+            max_reason: self.max_reason_bytes,
+            max_agents_per_site: self.max_agents_per_site,
             ..AggregatorConfig::default()
         }
     }
@@ -147,5 +186,37 @@ impl ServerArgs {
             flush_records: self.flush_records,
             snapshot_interval: self.snapshot_interval,
         })
+    }
+
+    /// Checks every setting's range and how the settings fit together (see [`limits`]); call
+    /// before anything is opened or bound. The error names the flag and what to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Ok(limits::check(&limits::Settings {
+            silent_after: self.silent_after,
+            publish_tick: self.publish_tick,
+            curve_bucket: self.curve_bucket,
+            max_count: self.max_count,
+            max_batch: self.max_batch,
+            max_reason: self.max_reason_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_streams_per_connection: self.max_streams_per_connection,
+            stream_window: self.stream_window,
+            connection_window: self.connection_window,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            flush_interval: self.flush_interval,
+            flush_records: self.flush_records,
+            snapshot_interval: self.snapshot_interval,
+            max_concurrent_handshakes: self.max_concurrent_handshakes,
+            grace: self.grace,
+        })?)
+    }
+
+    /// Checks the settings that depend on the registry: `--max-count` times the number of
+    /// registers (Σ (desks + agent install slots) × sessions) must fit in an `i64`.
+    pub fn validate_for(&self, registry: &Registry) -> Result<(), ConfigError> {
+        let agents = u64::from(self.max_agents_per_site);
+        let desks: u64 = registry.sites.iter().map(|s| u64::from(s.desks) + agents).sum();
+        Ok(limits::check_registry(self.max_count, desks * registry.sessions.len() as u64)?)
     }
 }

@@ -49,15 +49,16 @@ impl Curve {
         Sample { unix_ms, counts: counts.into() }
     }
 
-    /// Appends a sample (or replaces the last one if it is for the same bucket).
+    /// Appends a sample, or updates the last one if it is for the same bucket. A sample older
+    /// than the last (the wall clock stepped back) updates the last one's counts under its own
+    /// label: the curve stays live and its labels in order until the clock catches up.
     pub fn push(&self, sample: Sample) {
         let mut samples = self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match samples.back() {
-            Some(b) if b.unix_ms == sample.unix_ms => {
-                samples.pop_back();
-            }
-            Some(b) if b.unix_ms > sample.unix_ms => return,
-            _ => {}
+        if let Some(last) = samples.back_mut()
+            && last.unix_ms >= sample.unix_ms
+        {
+            last.counts = sample.counts;
+            return;
         }
         if samples.len() == self.capacity {
             samples.pop_front();

@@ -11,9 +11,12 @@ use super::{
     aggregator::{Aggregator, ReporterId},
     auth::{Auth, Grant},
     error::Error,
+    installs::Claim,
+    wire_status::classify,
 };
 use crate::proto::v1::{Ack, ReportRequest, ReportResponse, ingest_server::Ingest, report_request, report_response};
 
+use crate::proto::metadata::AGENT_HEADER;
 pub use crate::proto::metadata::{DESK_HEADER, SITE_HEADER};
 
 /// The Ingest service.
@@ -58,6 +61,19 @@ impl IngestService {
     }
 }
 
+impl IngestService {
+    /// [`IngestService::identify`], then, for a stream carrying `x-headcount-agent`, the register
+    /// slot of that agent install (claimed durably the first time; see `server/installs.rs`).
+    async fn identify_agent(&self, md: &MetadataMap) -> Result<(ReporterId, Option<Claim>), Error> {
+        let reporter = self.identify(md)?;
+        let Some(v) = md.get(AGENT_HEADER) else { return Ok((reporter, None)) };
+        let install = v.to_str().map_err(|_| Error::InvalidArgument(format!("`{AGENT_HEADER}` is not ASCII")))?;
+        let site = site_id(&self.agg, reporter).to_owned();
+        let (r, claim) = self.agg.install_reporter(&site, install, u32::from(reporter.desk)).await?;
+        Ok((r, Some(claim)))
+    }
+}
+
 #[tonic::async_trait]
 impl Ingest for IngestService {
     type ReportStream = Pin<Box<dyn Stream<Item = Result<ReportResponse, Status>> + Send>>;
@@ -70,10 +86,14 @@ impl Ingest for IngestService {
                 .insert(crate::proto::metadata::RETRY_AFTER_MS_HEADER, tonic::metadata::MetadataValue::from(1000));
             return Err(status);
         };
-        let reporter = self.identify(request.metadata()).inspect_err(|e| {
+        let (reporter, claim) = self.identify_agent(request.metadata()).await.inspect_err(|e| {
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
-        let resume = self.agg.resume_durable(reporter).await?;
+        let mut resume = self.agg.resume_durable(reporter).await?;
+        if let Some(c) = claim {
+            (resume.agent_slot, resume.site_agents, resume.desk_agents) =
+                (u32::from(c.slot), c.site_agents, c.desk_agents);
+        }
         // No span on the stream: even a disabled span is entered on every poll (3.7 % of the
         // server's profile under load). Log lines carry site and desk instead.
         tracing::debug!(site = %site_id(&self.agg, reporter), desk = reporter.desk, registers = resume.registers.len(), "stream opened");
@@ -98,8 +118,17 @@ impl Drop for OpenStream {
     }
 }
 
-/// Acks applied but waiting for the journal, per stream; beyond this the stream stops reading.
-const MAX_PENDING_ACKS: usize = 64;
+/// Acks applied but waiting for the journal, per stream; at this many (or
+/// [`MAX_PENDING_ACK_BYTES`]) the stream stops reading until the journal catches up.
+pub const MAX_PENDING_ACKS: usize = 32;
+/// Bytes of acks waiting for the journal at which a stream stops reading.
+pub const MAX_PENDING_ACK_BYTES: usize = 256 * 1024;
+/// Most acks handed to the transport in one write. hyper holds at most two writes of a stream
+/// whose reporter does not read (one being sent, one waiting for window), so this bounds the acks
+/// applied but not sent to `MAX_PENDING_ACKS + 2 × ACKS_PER_WRITE` (64).
+pub const ACKS_PER_WRITE: usize = 16;
+/// Most bytes of acks in one write (see [`ACKS_PER_WRITE`]).
+pub const ACK_BYTES_PER_WRITE: usize = 32 * 1024;
 
 /// What woke a stream up.
 enum Wake {
@@ -116,8 +145,16 @@ enum Wake {
 /// it reads, applies and acks. No task or channel of our own per stream (they cost 1.3 KB per
 /// idle stream and a cross-task wake-up per ack). Backpressure is HTTP/2's: a reporter that does
 /// not read its acks exhausts its window, hyper stops polling, and we stop reading that stream.
+/// Acks go out at most [`ACKS_PER_WRITE`] per write (the stream then yields to hyper), so what
+/// hyper holds for a reporter that does not read is bounded too.
 /// With a journal, each ack waits for the flush that makes its batch durable, while the stream
 /// keeps reading and applying the next batches (acks stay in order).
+///
+/// How it ends: the reporter half-closes → every ack is sent once durable, then OK. Anything
+/// else ends it with the status that says why (see [`super::wire_status`]), logged with site
+/// and desk, after the acks of every batch already applied (durable first): INVALID_ARGUMENT for
+/// a message that does not decode or an empty request, RESOURCE_EXHAUSTED for a message over the
+/// limit; UNAVAILABLE on shutdown or when the journal stops (acks not sent: resend).
 fn serve_stream(
     agg: Aggregator,
     reporter: ReporterId,
@@ -134,21 +171,46 @@ fn serve_stream(
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         let mut durable = agg.shared().durability.as_ref().map(|d| d.subscribe(reporter.site as usize));
-        let mut pending: VecDeque<(u64, Ack)> = VecDeque::new();
+        // (flush target, ack, its encoded size)
+        let mut pending: VecDeque<(u64, Ack, usize)> = VecDeque::new();
+        let mut pending_bytes = 0usize;
+        // Acks and bytes handed to hyper since this stream last returned `Pending` on purpose.
+        let (mut write_acks, mut write_bytes) = (1usize, 0usize);
         let mut reading = true;
+        // Set when the stream must end with an error once the applied batches are acked.
+        let mut ending: Option<Status> = None;
         loop {
-            // Release every ack whose flush is on disk.
+            // Release every ack whose flush is on disk, a bounded number per write.
             let on_disk = durable.as_mut().map_or(u64::MAX, |d| *d.borrow_and_update());
-            while pending.front().is_some_and(|(target, _)| *target <= on_disk) {
-                let Some((_, ack)) = pending.pop_front() else { break };
+            while pending.front().is_some_and(|(target, _, _)| *target <= on_disk) {
+                let Some((_, ack, bytes)) = pending.pop_front() else { break };
+                pending_bytes -= bytes;
+                write_acks += 1;
+                write_bytes += bytes;
                 yield Ok(ReportResponse { kind: Some(report_response::Kind::Ack(ack)) });
+                if write_acks >= ACKS_PER_WRITE || write_bytes >= ACK_BYTES_PER_WRITE {
+                    (write_acks, write_bytes) = (0, 0);
+                    // Returns `Pending` once: tonic hands what it encoded to hyper as one write,
+                    // and hyper polls again only when it can take another.
+                    tokio::task::yield_now().await;
+                }
             }
             if !reading && pending.is_empty() {
-                tracing::debug!(site = %site_id(&agg, reporter), desk = reporter.desk, "reporter closed the stream");
+                match ending.take() {
+                    Some(status) => {
+                        tracing::info!(
+                            site = %site_id(&agg, reporter), desk = reporter.desk, code = ?status.code(),
+                            message = status.message(), "ingest stream ended by a client error"
+                        );
+                        yield Err(status);
+                    }
+                    None => tracing::debug!(site = %site_id(&agg, reporter), desk = reporter.desk, "reporter closed the stream"),
+                }
                 break;
             }
+            let room = pending.len() < MAX_PENDING_ACKS && pending_bytes < MAX_PENDING_ACK_BYTES;
             let wake = tokio::select! {
-                m = inbound.message(), if reading && pending.len() < MAX_PENDING_ACKS => Wake::Message(m),
+                m = inbound.message(), if reading && room => Wake::Message(m),
                 changed = async { durable.as_mut().expect("guarded by if").changed().await }, if !pending.is_empty() => {
                     if changed.is_ok() { Wake::Flushed } else { Wake::JournalClosed }
                 }
@@ -156,9 +218,19 @@ fn serve_stream(
             };
             match wake {
                 Wake::Flushed => {}
-                // The journal stopped (shutdown): unacked batches are resent after reconnect.
-                Wake::JournalClosed => break,
+                Wake::JournalClosed => {
+                    tracing::info!(
+                        site = %site_id(&agg, reporter), desk = reporter.desk, unacked = pending.len(),
+                        "journal stopped; ending the stream"
+                    );
+                    yield Err(Status::unavailable(
+                        "the aggregator's journal stopped: batches not acknowledged on this stream are not \
+                         stored; reconnect and resend them",
+                    ));
+                    break;
+                }
                 Wake::Shutdown => {
+                    tracing::debug!(site = %site_id(&agg, reporter), desk = reporter.desk, unacked = pending.len(), "shutdown");
                     yield Err(Status::unavailable("aggregator shutting down; reconnect later"));
                     break;
                 }
@@ -168,23 +240,23 @@ fn serve_stream(
                         site = %site_id(&agg, reporter), desk = reporter.desk, reports = batch.reports.len(),
                         rejected = ack.rejections.len(), "batch applied"
                     );
-                    pending.push_back((agg.durable_target().unwrap_or(0), ack));
+                    let bytes = prost::Message::encoded_len(&ack);
+                    pending_bytes += bytes;
+                    pending.push_back((agg.durable_target().unwrap_or(0), ack, bytes));
                 }
                 Wake::Message(Ok(Some(ReportRequest { kind: Some(report_request::Kind::Heartbeat(_)) }))) => {
                     agg.heartbeat(reporter);
                 }
                 Wake::Message(Ok(Some(ReportRequest { kind: None }))) => {
-                    yield Err(Status::invalid_argument("empty ReportRequest: set `batch` or `heartbeat`"));
-                    break;
+                    ending = Some(Status::invalid_argument("empty ReportRequest: set `batch` or `heartbeat`"));
+                    reading = false;
                 }
                 // Half-closed: send the remaining acks once durable, then end.
                 Wake::Message(Ok(None)) => reading = false,
+                // Undecodable, too large, badly framed, reset: say why once the acks are out.
                 Wake::Message(Err(status)) => {
-                    tracing::debug!(
-                        site = %site_id(&agg, reporter), desk = reporter.desk, code = ?status.code(),
-                        message = status.message(), "stream ended"
-                    );
-                    break;
+                    ending = Some(classify(status));
+                    reading = false;
                 }
             }
         }

@@ -1,6 +1,9 @@
 //! Which sites are reporting: per-site last-seen times, the "reporting" flag kept on the rollups,
 //! and a periodic sweep that flags silent sites and recounts over-capacity sites.
 //!
+//! Times here are monotonic milliseconds ([`super::clock::Clock::mono_ms`], never 0; 0 means
+//! "never seen"): a step of the wall clock changes no site's silence.
+//!
 //! The hot path only stores a timestamp and, on a silent → reporting transition (rare), bumps the
 //! reporting counters up the tree. The sweep (once per `sweep` interval, off the ingest path) is
 //! the only O(sites) work in the aggregator.
@@ -35,7 +38,7 @@ impl Liveness {
         }
     }
 
-    /// Marks `site` as seen now.
+    /// Marks `site` as seen at `now_ms` (monotonic).
     #[inline]
     pub fn touch(&self, site: u32, now_ms: i64, tallies: &Tallies) {
         let i = site as usize;
@@ -46,14 +49,19 @@ impl Liveness {
         }
     }
 
-    /// Last time `site` was seen, Unix ms (0: never).
+    /// Last time `site` was seen, monotonic ms (0: never).
     pub fn last_seen(&self, site: u32) -> i64 {
         self.last_seen[site as usize].load(Relaxed)
     }
 
-    /// Silent sites as of the last sweep, by index, ascending.
+    /// Silent sites as of the last sweep (site indices), in site-id order.
     pub fn silent(&self) -> Arc<Vec<u32>> {
         self.silent.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Whether a site last seen at `seen` (0: never) is silent at `now_ms`.
+    fn is_silent(&self, seen: i64, now_ms: i64) -> bool {
+        seen == 0 || now_ms.saturating_sub(seen) > self.silent_after_ms
     }
 
     /// Flags sites silent for longer than the interval, rebuilds the silent list and recounts
@@ -70,13 +78,13 @@ impl Liveness {
         ];
         for (i, site) in registry.sites.iter().enumerate() {
             let idx = i as u32;
-            let seen = self.last_seen[i].load(Relaxed);
-            if now_ms - seen > self.silent_after_ms {
+            if self.is_silent(self.last_seen[i].load(Relaxed), now_ms) {
                 if self.reporting[i].compare_exchange(true, false, Relaxed, Relaxed).is_ok() {
                     tallies.add_reporting(idx, -1);
                     // A report may have landed between the load and the flip: undo if so.
-                    if now_ms - self.last_seen[i].load(Relaxed) <= self.silent_after_ms {
-                        self.touch(idx, self.last_seen[i].load(Relaxed), tallies);
+                    let seen = self.last_seen[i].load(Relaxed);
+                    if !self.is_silent(seen, now_ms) {
+                        self.touch(idx, seen, tallies);
                     }
                 }
                 if !self.reporting[i].load(Relaxed) {
@@ -103,6 +111,8 @@ impl Liveness {
         for (level, values) in [Level::National, Level::Province, Level::Commune, Level::Site].into_iter().zip(&over) {
             tallies.store_over_capacity(level, values);
         }
+        // Listed by site id (the answer's documented order), not by registry position.
+        silent.sort_unstable_by(|a, b| registry.sites[*a as usize].id.cmp(&registry.sites[*b as usize].id));
         *self.silent.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(silent);
     }
 }

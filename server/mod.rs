@@ -7,11 +7,14 @@
 pub mod aggregator;
 pub mod audit;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod curve;
 pub mod durability;
 pub mod error;
 pub mod ingest;
+pub mod installs;
+pub mod limits;
 pub mod liveness;
 pub mod persist;
 pub mod query;
@@ -20,8 +23,10 @@ pub mod registry;
 pub mod serve;
 pub mod tally;
 pub mod totals_service;
+pub mod wire_status;
 
 pub use aggregator::{Aggregator, AggregatorConfig};
 pub use auth::Auth;
+pub use clock::{Clock, ManualClock};
 pub use error::Error;
 pub use serve::{RunningServer, Transport, serve};

@@ -12,13 +12,14 @@
 use std::{path::PathBuf, sync::Arc, thread};
 
 use super::{
-    aggregator::{Aggregator, AggregatorConfig, now_ms},
+    aggregator::{Aggregator, AggregatorConfig},
     durability::{
         self, Durability, DurabilityConfig, Flusher, Source,
         fs::{Io, RealIo},
-        record::{CurveRecord, Record, RegisterRecord},
+        record::{CurveRecord, InstallRecord, Record, RegisterRecord},
         store::{self, Journal, Recovered},
     },
+    installs::{INSTALL_DESK_BASE, Install, is_install_desk},
     registers::{Register, RegisterKey},
     registry::Registry,
 };
@@ -116,6 +117,10 @@ fn restore(agg: &Aggregator, rec: Recovered) -> Result<RecoveryReport, OpenError
             (Some(site), Some(session)) if desk >= 1 && desk <= u32::from(reg.sites[site as usize].desks) => {
                 Some(RegisterKey { site, desk: desk as u16, session })
             }
+            // An agent install's slot (see `server/installs.rs`): its place is the site itself.
+            (Some(site), Some(session)) if u16::try_from(desk).is_ok_and(is_install_desk) => {
+                Some(RegisterKey { site, desk: desk as u16, session })
+            }
             _ => None,
         };
         match place {
@@ -141,11 +146,20 @@ fn restore(agg: &Aggregator, rec: Recovered) -> Result<RecoveryReport, OpenError
         }
         return Err(OpenError::RegistryMismatch(msg));
     }
-    let now = now_ms();
+    let now = s.config.clock.mono_ms();
     for (key, r) in places {
         if let Some(previous) = s.registers.restore(key, r) {
             s.tallies.add(key.site, key.session as usize, r.count - previous.count, now);
             report.registers += 1;
+        }
+    }
+    for i in rec.installs {
+        match (reg.site(&i.site), u16::try_from(i.slot)) {
+            (Some(site), Ok(slot)) if (1..=u16::MAX - INSTALL_DESK_BASE).contains(&slot) => {
+                s.installs.restore(site, Install { id: i.id, desk: i.desk, slot });
+            }
+            // A site that left the registry: its registers were refused above if they held counts.
+            _ => report.skipped += 1,
         }
     }
     for c in rec.corrections {
@@ -185,6 +199,14 @@ impl Source for Aggregator {
         }));
         out.extend(s.audit.all().into_iter().map(Record::Correction));
         out.extend(s.curve.all().iter().map(|c| Record::Curve(CurveRecord::from_sample(&s.registry, c))));
+        out.extend(s.installs.all().into_iter().map(|(site, i)| {
+            Record::Install(InstallRecord {
+                site: s.registry.sites.get(site as usize).map(|x| x.id.clone()).unwrap_or_default(),
+                slot: u32::from(i.slot),
+                desk: i.desk,
+                id: i.id,
+            })
+        }));
         out
     }
 

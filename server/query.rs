@@ -2,7 +2,7 @@
 //! hierarchy (plus O(sessions × shards) per node); nothing here scans all sites.
 
 use super::{
-    aggregator::{Aggregator, now_ms},
+    aggregator::Aggregator,
     curve::Sample,
     error::Error,
     tally::{Level, Node},
@@ -90,7 +90,7 @@ impl Aggregator {
             sites_reporting: reading.reporting,
             sites_total,
             sites_over_capacity: reading.over_capacity,
-            last_change_unix_ms: reading.changed_ms,
+            last_change_unix_ms: self.shared().config.clock.to_wall(reading.changed_ms),
         }
     }
 
@@ -116,6 +116,10 @@ impl Aggregator {
     ) -> Result<BreakdownResponse, Error> {
         let mut children: Vec<ScopeTotals> =
             self.children(node)?.into_iter().map(|c| self.totals_of(c, session)).collect();
+        // Registry order is the order of the files, not of the ids: sort by id first (byte-wise),
+        // which also breaks ties of the other orders (the sorts are stable).
+        let id = |t: &ScopeTotals| t.scope.as_ref().map_or(String::new(), |s| s.id.clone());
+        children.sort_by_cached_key(id);
         match order {
             BreakdownOrder::Id => {}
             BreakdownOrder::CountDesc => children.sort_by_key(|c| std::cmp::Reverse(c.count)),
@@ -127,7 +131,7 @@ impl Aggregator {
         Ok(BreakdownResponse { parent: Some(self.totals_of(node, session)), children })
     }
 
-    /// Silent sites within a node, as of the last sweep. O(silent sites).
+    /// Silent sites within a node, as of the last sweep, by site id. O(silent sites).
     pub fn silent_sites(&self, node: Node, limit: usize) -> SilentSitesResponse {
         let r = self.registry();
         let silent = self.shared().liveness.silent();
@@ -151,7 +155,9 @@ impl Aggregator {
                     name: s.name.clone(),
                     province: r.provinces[s.province as usize].code.clone(),
                     commune: r.communes[s.commune as usize].id.clone(),
-                    last_seen_unix_ms: self.shared().liveness.last_seen(i),
+                    last_seen_unix_ms: self.shared().config.clock.to_wall(self.shared().liveness.last_seen(i)),
+                    contact_name: s.contact_name.clone(),
+                    contact_phone: s.contact_phone.clone(),
                 });
             }
         }
@@ -172,11 +178,13 @@ impl Aggregator {
             None => 0..per_row,
         };
         let mut raw = s.curve.points(row, sessions.clone(), per_row);
-        let now = now_ms();
+        let now = s.config.clock.wall_ms();
         let live: Sample = super::curve::Curve::read(&s.tallies, s.registry.provinces.len(), s.curve.bucket_start(now));
         let live_count = sessions.map(|k| live.counts[row * per_row + k]).sum();
         match raw.last_mut() {
-            Some(last) if last.0 == live.unix_ms => last.1 = live_count,
+            // Same bucket, or the wall clock stepped back behind the last sample: the live
+            // count updates the last point (labels stay in order).
+            Some(last) if last.0 >= live.unix_ms => last.1 = live_count,
             _ => raw.push((live.unix_ms, live_count)),
         }
         let mut prev = 0;

@@ -3,8 +3,8 @@
 //! This is the whole counting model. A report is applied only if its `seq` is newer than the
 //! stored one; then the caller adds `count − previous count` to the rollups. Older or equal seqs
 //! change nothing, so duplicates, reorders and resends are harmless. The map is a sharded
-//! `DashMap`; a shard lock is held only for the compare-and-set of one register, never across an
-//! `.await`, and the rollup update happens after it is released (deltas commute).
+//! `DashMap`; a shard lock is held only for the compare-and-set of one register and the rollup of its
+//! change (atomics), never across an `.await`, so that readers see one register's changes in order.
 
 use std::sync::Mutex;
 
@@ -102,30 +102,60 @@ impl Registers {
 
     /// Applies `(seq, count)` to a register under the counting rule. `seq` must be ≥ 1.
     pub fn apply(&self, key: RegisterKey, seq: u64, count: i64) -> Outcome {
+        let mut out = Outcome::Unchanged(Register::default());
+        self.apply_run(key, std::iter::once((seq, count)), |_, o| out = o, |_| {});
+        out
+    }
+
+    /// Applies a run of reports to ONE register, in order, under one hold of its shard lock, and
+    /// calls `rollup` with the run's net change in count *before* releasing it (when non-zero).
+    ///
+    /// Holding the lock across the rollup orders the rollups of two streams that write the same
+    /// register (two writers for one desk): without it, a correction to 0 from one stream could
+    /// reach the totals before the rise to 1,000 it corrects, and a reader would see −1,000.
+    /// `rollup` must not touch the register map (it adds to the tallies' atomics only).
+    pub fn apply_run(
+        &self,
+        key: RegisterKey,
+        reports: impl IntoIterator<Item = (u64, i64)>,
+        mut each: impl FnMut(usize, Outcome),
+        rollup: impl FnOnce(i64),
+    ) {
         let mut entry = self.map.entry(key.packed()).or_default();
-        let stored = entry.reg;
-        if seq < stored.seq || (seq == stored.seq && count == stored.count) {
-            Outcome::Unchanged(stored)
-        } else if seq == stored.seq {
-            Outcome::Conflict(stored)
-        } else {
-            let current = Register { seq, count };
-            entry.reg = current;
-            if let Some(dirty) = &self.dirty
-                && !entry.dirty
+        let mut delta = 0i64;
+        let mut changed = false;
+        for (i, (seq, count)) in reports.into_iter().enumerate() {
+            let stored = entry.reg;
+            let outcome = if seq < stored.seq || (seq == stored.seq && count == stored.count) {
+                Outcome::Unchanged(stored)
+            } else if seq == stored.seq {
+                Outcome::Conflict(stored)
+            } else {
+                let current = Register { seq, count };
+                entry.reg = current;
+                delta += count - stored.count;
+                changed = true;
+                Outcome::Applied { previous: stored, current }
+            };
+            each(i, outcome);
+        }
+        if changed
+            && let Some(dirty) = &self.dirty
+            && !entry.dirty
+        {
+            entry.dirty = true;
+            // Lock order: map shard, then dirty shard. `take_dirty` never holds both.
+            let mut queue =
+                dirty[key.site as usize % DIRTY_SHARDS].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            queue.push(key.packed());
+            if let Some((thread, early)) = self.flusher.get()
+                && queue.len() == *early
             {
-                entry.dirty = true;
-                // Lock order: map shard, then dirty shard. `take_dirty` never holds both.
-                let mut queue =
-                    dirty[key.site as usize % DIRTY_SHARDS].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                queue.push(key.packed());
-                if let Some((thread, early)) = self.flusher.get()
-                    && queue.len() == *early
-                {
-                    thread.unpark();
-                }
+                thread.unpark();
             }
-            Outcome::Applied { previous: stored, current }
+        }
+        if delta != 0 {
+            rollup(delta);
         }
     }
 

@@ -7,7 +7,9 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use tonic::transport::server::TcpIncoming;
 
-use super::{aggregator::Aggregator, auth::Auth, ingest::IngestService, totals_service::TotalsService};
+use super::{
+    aggregator::Aggregator, auth::Auth, ingest::IngestService, totals_service::TotalsService, wire_status::ClientErrors,
+};
 use crate::proto::v1::{FILE_DESCRIPTOR_SET, ingest_server::IngestServer, totals_server::TotalsServer};
 
 /// Transport limits. tonic leaves most of these unlimited or off by default; we set them all.
@@ -39,7 +41,7 @@ impl Default for Transport {
             connection_window: 1024 * 1024,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
-            max_message_bytes: 256 * 1024,
+            max_message_bytes: super::limits::DEFAULT_MAX_MESSAGE,
             grace: Duration::from_secs(10),
             max_concurrent_handshakes: 512,
         }
@@ -70,9 +72,11 @@ pub async fn serve(
     health.set_serving::<TotalsServer<TotalsService>>().await;
     let reflection = reflection()?;
     let max = transport.max_message_bytes;
-    let ingest = IngestServer::new(IngestService::new(agg.clone(), auth.clone(), transport.max_concurrent_handshakes))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let ingest = ClientErrors(
+        IngestServer::new(IngestService::new(agg.clone(), auth.clone(), transport.max_concurrent_handshakes))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
     let totals = totals_server(&agg, auth, &transport);
 
     let background = agg.spawn_background();
@@ -127,11 +131,13 @@ fn reflection() -> Result<
         .build_v1()?)
 }
 
-fn totals_server(agg: &Aggregator, auth: Auth, transport: &Transport) -> TotalsServer<TotalsService> {
-    TotalsServer::new(TotalsService::new(agg.clone(), auth))
-        // A national breakdown of all communes can be large; answers are bounded by the registry.
-        .max_encoding_message_size(64 * 1024 * 1024)
-        .max_decoding_message_size(transport.max_message_bytes)
+fn totals_server(agg: &Aggregator, auth: Auth, transport: &Transport) -> ClientErrors<TotalsServer<TotalsService>> {
+    ClientErrors(
+        TotalsServer::new(TotalsService::new(agg.clone(), auth))
+            // A national breakdown of all communes can be large; answers are bounded by the registry.
+            .max_encoding_message_size(64 * 1024 * 1024)
+            .max_decoding_message_size(transport.max_message_bytes),
+    )
 }
 
 /// The HTTP/2 limits every listener gets (tonic leaves most of them unlimited or off).

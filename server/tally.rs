@@ -43,7 +43,9 @@ impl Node {
 #[repr(align(16))]
 struct Cell {
     count: AtomicI64,
-    /// Unix ms of the last change (max over writers).
+    /// Monotonic ms of the last change (max over writers; 0: never). Shown as wall time by
+    /// [`super::clock::Clock::to_wall`], so a step of the wall clock neither freezes nor
+    /// reorders it.
     changed_ms: AtomicI64,
 }
 
@@ -105,7 +107,7 @@ impl LevelCells {
 pub struct Reading {
     /// Checked-in delegates.
     pub count: i64,
-    /// Unix ms of the last change (0: never).
+    /// Monotonic ms of the last change (0: never); see [`super::clock::Clock::to_wall`].
     pub changed_ms: i64,
     /// Sites reporting.
     pub reporting: u32,
@@ -156,7 +158,8 @@ impl Tallies {
         ]
     }
 
-    /// Adds `delta` check-ins of `session` at `site` to every level. O(1), lock-free.
+    /// Adds `delta` check-ins of `session` at `site` to every level, changed at `now_ms`
+    /// (monotonic). O(1), lock-free.
     #[inline]
     pub fn add(&self, site: u32, session: usize, delta: i64, now_ms: i64) {
         for node in self.path(site) {

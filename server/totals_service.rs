@@ -6,11 +6,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{
-    aggregator::{Aggregator, now_ms},
-    auth::Auth,
-    tally::Node,
-};
+use super::{aggregator::Aggregator, auth::Auth, tally::Node};
 use crate::proto::v1::{
     BreakdownOrder, BreakdownRequest, BreakdownResponse, CorrectionsRequest, CorrectionsResponse, CurveRequest,
     CurveResponse, ScopeTotals, SilentSitesRequest, SilentSitesResponse, StatsRequest, StatsResponse, TotalsRequest,
@@ -112,7 +108,8 @@ impl Totals for TotalsService {
 }
 
 /// Feeds one watcher: a snapshot at once, then on each tick the latest state if it changed.
-/// Only this task waits on a slow watcher; ingest never does.
+/// Only this task waits on a slow watcher; ingest never does. Ends with `UNAVAILABLE` when the
+/// aggregator shuts down, silently when the watcher goes away.
 async fn publish(
     agg: Aggregator,
     node: Node,
@@ -132,19 +129,27 @@ async fn publish(
         tokio::select! {
             _ = interval.tick() => {}
             () = &mut cancelled => break,
-            () = tx.closed() => break,
+            () = tx.closed() => return,
         }
         let totals = agg.totals_of(node, session);
         let kids: Vec<ScopeTotals> = children.iter().map(|c| agg.totals_of(*c, session)).collect();
         if last.as_ref().is_some_and(|(t, k)| *t == totals && *k == kids) {
             continue;
         }
-        let update = WatchUpdate { totals: Some(totals.clone()), children: kids.clone(), sequence, unix_ms: now_ms() };
+        let update = WatchUpdate {
+            totals: Some(totals.clone()),
+            children: kids.clone(),
+            sequence,
+            unix_ms: agg.shared().config.clock.wall_ms(),
+        };
         tokio::select! {
-            sent = tx.send(Ok(update)) => if sent.is_err() { break },
+            sent = tx.send(Ok(update)) => if sent.is_err() { return },
             () = &mut cancelled => break,
         }
         last = Some((totals, kids));
         sequence += 1;
     }
+    // Shut down: the watch ends with UNAVAILABLE (not OK, which would read as "nothing more
+    // will ever change"). Waits for room in the channel; a watcher gone by then is fine.
+    let _ = tx.send(Err(Status::unavailable("aggregator shutting down; watch again later"))).await;
 }

@@ -73,7 +73,7 @@ async fn adding_renaming_reordering_and_moving_keep_all_state() {
     write(&server.url(), &x, 1, 1, 11).await;
     write(&server.url(), &y, 1, 2, 22).await;
     write(&server.url(), &z, 1, 1, 33).await;
-    let mut codes: Vec<String> = DataDir::rows(&reg).0.iter().map(|s| s[2].clone()).collect();
+    let mut codes: Vec<String> = DataDir::rows(&reg).0.iter().skip(1).map(|s| s[2].clone()).collect();
     codes.sort();
     codes.dedup();
     let r = reader(server.url()).await;
@@ -91,7 +91,10 @@ async fn adding_renaming_reordering_and_moving_keep_all_state() {
 
     let (mut sites, mut sessions) = DataDir::rows(&reg);
     // A site added in the middle of the file, in a new province placed first.
-    let new_site: SiteRow = ["N00001", "Điểm mới", "00", "Tỉnh mới", "00-001", "Xã mới", "50", "1"].map(str::to_owned);
+    let header = sites.remove(0);
+    let mut new_site: SiteRow =
+        ["N00001", "Điểm mới", "00", "Tỉnh mới", "00-001", "Xã mới", "50", "1"].map(str::to_owned).to_vec();
+    new_site.resize(header.len(), String::new());
     sites.insert(1, new_site);
     // Rename x, add a desk to y, move z to the province and commune of site 0.
     row_of(&mut sites, &x)[1] = "Renamed site".into();
@@ -102,8 +105,12 @@ async fn adding_renaming_reordering_and_moving_keep_all_state() {
     zr[2..6].clone_from_slice(&home[2..6]);
     // Reverse the rows: the provinces come in the opposite order.
     sites.reverse();
-    sessions.push(["9".into(), "Extra session".into(), String::new()]);
-    dir.write_rows(&sites, &sessions);
+    let mut extra = vec!["9".to_owned(), "Extra session".to_owned()];
+    extra.resize(sessions[0].len(), String::new());
+    sessions.push(extra);
+    let mut file = vec![header];
+    file.extend(sites.iter().cloned());
+    dir.write_rows(&file, &sessions);
 
     let server = dir.start(None).await;
     assert_eq!(resumed(&server.url(), &x, 1).await, vec![(1, 1, 11)]);
@@ -163,7 +170,7 @@ async fn removing_what_holds_counts_is_refused_by_name() {
     let err = dir.start_failing();
     assert!(err.contains(&format!("site {multi} desk 2 session 1 holds 7")), "{err}");
     // Remove a session that holds a count.
-    let no_session_3: Vec<[String; 3]> = sessions.iter().filter(|s| s[0] != "3").cloned().collect();
+    let no_session_3: Vec<SiteRow> = sessions.iter().filter(|s| s[0] != "3").cloned().collect();
     dir.write_rows(&sites, &no_session_3);
     let err = dir.start_failing();
     assert!(err.contains(&format!("site {x} desk 1 session 3 holds 5")) && err.contains("session not in"), "{err}");

@@ -38,8 +38,9 @@ struct Cli {
 enum Command {
     /// Run the national simulation and verify every total (the default).
     Simulate(SimulateArgs),
-    /// Site agent: report check-ins read from standard input (one line per check-in, `+N`, or
-    /// `=N reason` to correct the count); exits once everything is acknowledged.
+    /// Site agent: counts each delegate's badge once per session (standard input, followed
+    /// files, the desk page); exit 0 all acknowledged, 3 not acknowledged in time, 4 refused
+    /// for good (fix the flag named), 5 some lines or reports refused.
     Site(SiteArgs),
     /// Print the totals of a scope and the table of its children.
     Totals(ReadArgs),
@@ -61,19 +62,34 @@ struct SiteArgs {
     /// This site's id.
     #[arg(long, env = "HEADCOUNT_SITE")]
     site: String,
-    /// This desk's number (1-based).
+    /// The desk number this agent is known by (a label: every agent install has its own register).
     #[arg(long, env = "HEADCOUNT_DESK", default_value_t = 1)]
     desk: u32,
-    /// Session the check-ins belong to.
+    /// Session the check-ins belong to (default: the current one by the event's schedule).
     #[arg(long, env = "HEADCOUNT_SESSION")]
-    session: u32,
+    session: Option<u32>,
     /// This site's token (`headcount token site ID`).
     #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
     token: String,
-    /// Local state file (written atomically before every send). Default: `headcount-SITE-DESK.json`.
+    /// Local state file (written atomically before every send; its directory is created).
+    /// Default: `headcount-SITE-DESK.json`.
     #[arg(long, env = "HEADCOUNT_STATE_FILE")]
     state_file: Option<PathBuf>,
-    /// At end of input, how long to wait for the last acknowledgement.
+    /// How standard input's lines are read: `badge` (each line a badge, counted once per session)
+    /// or `count` (`+N` head counts and `=N reason` corrections; no badges).
+    #[arg(long, value_enum, default_value_t = site::Mode::Badge)]
+    mode: site::Mode,
+    /// Also follow this file (badge mode), like `tail -F`; repeatable.
+    #[arg(long, value_name = "FILE")]
+    follow: Vec<PathBuf>,
+    /// Serve the desk page and `POST /badge` on this address (loopback by default; give
+    /// `0.0.0.0:7878` for phones on the site's LAN). Runs until Ctrl-C.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:7878")]
+    http: Option<std::net::SocketAddr>,
+    /// At start, how long to wait for the aggregator's schedule when the state file has none.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    start_timeout: Duration,
+    /// At the end, how long to wait for the last acknowledgement.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     flush_timeout: Duration,
 }
@@ -206,33 +222,31 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Site(args) => {
             let state_file =
                 args.state_file.unwrap_or_else(|| PathBuf::from(format!("headcount-{}-{}.json", args.site, args.desk)));
-            let channel = lazy_channel(&args.server)?;
-            let config = ReporterConfig::new(args.site.clone(), args.desk, args.token);
-            let reporter = Reporter::spawn(channel, config, Arc::new(FileStore::new(&state_file)))?;
-            let input = tokio::io::BufReader::new(tokio::io::stdin());
-            match site::run(&reporter, args.session, input, args.flush_timeout).await {
-                Ok(summary) => {
-                    let status = reporter.status();
-                    eprintln!(
-                        "site {} desk {}: {} check-ins and {} corrections read; all acknowledged (session {} count {}).",
-                        args.site,
-                        args.desk,
-                        summary.check_ins,
-                        summary.corrections,
-                        args.session,
-                        status.local.get(&args.session).map_or(0, |(_, c)| *c)
-                    );
-                    reporter.shutdown().await;
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "headcount site: {e}\nState is saved in {}; it is resent on the next start.",
-                        state_file.display()
-                    );
-                    Ok(ExitCode::from(3))
-                }
+            let store = FileStore::new(&state_file);
+            if let Err(e) = store.prepare() {
+                eprintln!("headcount site: {e}\nFix --state-file (its directory must be writable).");
+                return Ok(ExitCode::FAILURE);
             }
+            let channel = lazy_channel(&args.server)?;
+            let config =
+                ReporterConfig { agent_install: true, ..ReporterConfig::new(args.site.clone(), args.desk, args.token) };
+            let reporter = Reporter::spawn(channel, config, Arc::new(store))?;
+            let agent = Arc::new(site::Agent::new(reporter, args.session));
+            let opts = site::run::RunOptions {
+                stdin_mode: args.mode,
+                follow: args.follow,
+                poll: Duration::from_millis(250),
+                http: args.http,
+                start_timeout: args.start_timeout,
+                flush_timeout: args.flush_timeout,
+            };
+            let out: site::run::Out = Arc::new(|line| println!("{line}"));
+            let stop = Box::pin(async {
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            let status = site::run::run(agent.clone(), tokio::io::stdin(), opts, out, stop).await;
+            println!("State is kept in {}.", state_file.display());
+            Ok(ExitCode::from(status as u8))
         }
         Command::Totals(args) => {
             let channel = lazy_channel(&args.server)?;
@@ -243,18 +257,17 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Watch(args) => {
             let r = args.read;
             let channel = lazy_channel(&r.server)?;
-            dashboard::watch(
-                channel,
-                &r.token,
-                parse_scope(&r.scope)?,
-                r.session,
-                args.children,
-                r.json,
-                args.count,
-                args.duration,
-                &mut stdout,
-            )
-            .await?;
+            let opts = headcount::client::watch::WatchOptions {
+                scope: parse_scope(&r.scope)?,
+                session: r.session,
+                include_children: args.children,
+                json: r.json,
+                max_updates: args.count,
+                duration: args.duration,
+                redraw: std::io::IsTerminal::is_terminal(&std::io::stdout()) && !r.json,
+                backoff: headcount::client::reporter::backoff::BackoffConfig::default(),
+            };
+            headcount::client::watch::run(channel, &r.token, &opts, &mut stdout, &mut std::io::stderr()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {

@@ -3,7 +3,7 @@
 //! either the old or the new state, never a torn one.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::Write,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -25,6 +25,30 @@ pub struct LocalRegister {
     /// count, not check-ins to add on top of the aggregator's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub absolute: bool,
+    /// Badges counted in this session (normalised), so that a delegate counts once per session
+    /// per site whichever desk of the agent scans them, across restarts. Saved with the count,
+    /// in the same atomic write, before the count is sent.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub badges: BTreeSet<String>,
+}
+
+/// One session of the event's schedule, as the aggregator last sent it (kept so that an agent
+/// started while the aggregator is unreachable still knows session names and times).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledSession {
+    /// Session id.
+    pub id: u32,
+    /// Display name.
+    pub name: String,
+    /// Scheduled start, Unix ms (0: not scheduled).
+    #[serde(default)]
+    pub starts_unix_ms: i64,
+    /// Scheduled end, Unix ms (0: open-ended).
+    #[serde(default)]
+    pub ends_unix_ms: i64,
+    /// IANA time zone of the schedule (display).
+    #[serde(default)]
+    pub time_zone: String,
 }
 
 /// Everything a reporter persists.
@@ -41,6 +65,14 @@ pub struct LocalState {
     pub anchored: bool,
     /// Registers by session id.
     pub sessions: BTreeMap<u32, LocalRegister>,
+    /// This agent install's random id (sent as `x-headcount-agent` by reporters configured with
+    /// `agent_install`): generated once, kept for good, so the aggregator gives this install its
+    /// own register slot. Copying the state file to a new laptop keeps the slot.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub install_id: String,
+    /// The event's schedule from the last resume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<ScheduledSession>,
 }
 
 /// A state store failed.
@@ -108,9 +140,22 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// A store at `path` (created on first save; its directory must exist).
+    /// A store at `path` (created on first save; see [`FileStore::prepare`] for its directory).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self { path: path.into() }
+    }
+
+    /// Creates the file's directory if missing and checks that a file can be written there, so
+    /// that a wrong `--state-file` is refused at start, not at the first check-in.
+    pub fn prepare(&self) -> Result<(), StoreError> {
+        let dir = self.dir();
+        std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
+        tempfile::NamedTempFile::new_in(dir).map(drop).map_err(|e| self.io(e))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn io(&self, source: std::io::Error) -> StoreError {
@@ -143,11 +188,25 @@ impl StateStore for FileStore {
         tmp.write_all(&bytes).map_err(|e| self.io(e))?;
         tmp.as_file().sync_all().map_err(|e| self.io(e))?;
         tmp.persist(&self.path).map_err(|e| self.io(e.error))?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.io(e))?;
-        Ok(())
+        sync_dir(dir).map_err(|e| self.io(e))
     }
 
     fn blocking(&self) -> bool {
         true
     }
+}
+
+/// Makes a rename in `dir` durable. On Unix the directory itself is fsynced. Windows cannot open
+/// a directory as a file (`File::open(dir)` fails there, which would refuse every check-in) and
+/// has no directory fsync: NTFS journals the rename's metadata, and the file's own data was
+/// flushed (`sync_all`) before the rename.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// See the Unix version: nothing to do where directories cannot be opened as files.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> std::io::Result<()> {
+    Ok(())
 }

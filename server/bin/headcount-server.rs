@@ -32,10 +32,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: ServerArgs) -> Result<(), String> {
+    args.validate().map_err(|e| e.to_string())?;
     // Crash points for tests; inert unless FAILPOINTS names them.
     headcount::server::durability::failpoints::configure_from_env()?;
     let auth = Auth::new(args.auth_secret.as_bytes()).map_err(|e| e.to_string())?;
     let registry = args.registry().map_err(|e| e.to_string())?;
+    args.validate_for(&registry).map_err(|e| e.to_string())?;
     tracing::info!(
         sites = registry.sites.len(),
         communes = registry.communes.len(),

@@ -154,6 +154,24 @@ impl CurveRecord {
     }
 }
 
+/// An agent install's claim of a register slot at a site (see `server/installs.rs`), keyed by
+/// site id like every other record.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct InstallRecord {
+    /// Site id.
+    #[prost(string, tag = "1")]
+    pub site: String,
+    /// Slot, 1-based.
+    #[prost(uint32, tag = "2")]
+    pub slot: u32,
+    /// Desk number the agent declared (display only).
+    #[prost(uint32, tag = "3")]
+    pub desk: u32,
+    /// The install id.
+    #[prost(string, tag = "4")]
+    pub id: String,
+}
+
 /// One record: a tagged enum; a new kind gets a new tag, and an older build refuses a file that
 /// holds a tag it does not know ([`Stop::UnknownTag`]) rather than skipping state.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +182,8 @@ pub enum Record {
     Correction(Correction),
     /// A curve sample.
     Curve(CurveRecord),
+    /// An agent install claimed a register slot.
+    Install(InstallRecord),
     /// Snapshot trailer: how many records precede it. A snapshot without it is incomplete.
     End {
         /// Records before this one.
@@ -175,6 +195,7 @@ const TAG_REGISTER: u8 = 1;
 const TAG_CORRECTION: u8 = 2;
 const TAG_CURVE: u8 = 3;
 const TAG_END: u8 = 4;
+const TAG_INSTALL: u8 = 5;
 
 impl Record {
     /// Appends the framed record to `out`.
@@ -194,6 +215,10 @@ impl Record {
             Record::Curve(c) => {
                 out.push(TAG_CURVE);
                 c.encode(out).unwrap_or_else(grows);
+            }
+            Record::Install(i) => {
+                out.push(TAG_INSTALL);
+                i.encode(out).unwrap_or_else(grows);
             }
             Record::End { records } => {
                 out.push(TAG_END);
@@ -247,6 +272,7 @@ impl Record {
             TAG_REGISTER => RegisterRecord::decode(body).map(Record::Register).map_err(bad),
             TAG_CORRECTION => Correction::decode(body).map(Record::Correction).map_err(bad),
             TAG_CURVE => CurveRecord::decode(body).map(Record::Curve).map_err(bad),
+            TAG_INSTALL => InstallRecord::decode(body).map(Record::Install).map_err(bad),
             TAG_END => body
                 .try_into()
                 .map(|b| Record::End { records: u64::from_le_bytes(b) })

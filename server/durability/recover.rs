@@ -21,7 +21,7 @@ use std::{
 use rustc_hash::FxHashMap;
 
 use super::{
-    record::{CurveRecord, HEADER_LEN, Header, Reader, Record, Stop},
+    record::{CurveRecord, HEADER_LEN, Header, InstallRecord, Reader, Record, Stop},
     store::{JOURNAL_MAGIC, SNAPSHOT_MAGIC, StoreError, check_format, io, list},
 };
 use crate::{proto::v1::Correction, server::registers::Register};
@@ -38,6 +38,8 @@ pub struct Recovered {
     pub corrections: Vec<Correction>,
     /// Curve samples, oldest first.
     pub curve: Vec<CurveRecord>,
+    /// Agent install slot claims, in the order they were made.
+    pub installs: Vec<InstallRecord>,
     /// Generation to continue with (a new journal is started at it).
     pub next_generation: u64,
     /// Committed length of journal `next_generation - 1` (0 if none): the new journal's header.
@@ -69,6 +71,7 @@ impl Recovered {
                 Some(last) if last.unix_ms > c.unix_ms => {}
                 _ => self.curve.push(c),
             },
+            Record::Install(i) => self.installs.push(i),
             Record::End { .. } => {}
         }
     }

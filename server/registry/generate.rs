@@ -4,7 +4,10 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Registry, RegistryRows, Session, Site};
+use super::{
+    Registry, RegistryRows, Session, Site,
+    sessions::{DEFAULT_TIME_ZONE, schedule},
+};
 
 /// The 34 provincial-level units (`code,name,kind`), carried in the binary.
 pub const PROVINCES_CSV: &str = include_str!("provinces-2025.csv");
@@ -31,17 +34,35 @@ impl Default for GenerateOptions {
     }
 }
 
-/// The four sessions of the two-day reference event.
+/// The four sessions of the two-day reference event (1–2 December 2026, Asia/Ho_Chi_Minh):
+/// mornings 08:00–11:30, afternoons 13:30–17:00.
 pub fn reference_sessions() -> Vec<Session> {
     [
-        (1, "Day 1 morning", "2026-12-01T08:00"),
-        (2, "Day 1 afternoon", "2026-12-01T13:30"),
-        (3, "Day 2 morning", "2026-12-02T08:00"),
-        (4, "Day 2 afternoon", "2026-12-02T13:30"),
+        (1, "Ngày 1 — Sáng", "2026-12-01 08:00", "2026-12-01 11:30"),
+        (2, "Ngày 1 — Chiều", "2026-12-01 13:30", "2026-12-01 17:00"),
+        (3, "Ngày 2 — Sáng", "2026-12-02 08:00", "2026-12-02 11:30"),
+        (4, "Ngày 2 — Chiều", "2026-12-02 13:30", "2026-12-02 17:00"),
     ]
     .into_iter()
-    .map(|(id, name, at)| Session { id, name: name.to_owned(), starts_at: at.to_owned() })
+    .map(|(id, name, starts, ends)| Session {
+        id,
+        name: name.to_owned(),
+        // Constant, valid input: a failure here is a bug in this table, not a runtime condition.
+        schedule: schedule(starts, ends, DEFAULT_TIME_ZONE).ok(),
+    })
     .collect()
+}
+
+/// A synthetic contact for the site with 1-based number `n`: a Vietnamese name and a mobile
+/// number, derived from `n` alone (no draw from the generator, so the registry for a seed is
+/// the same as before contacts existed).
+fn contact(n: u32) -> (String, String) {
+    const FAMILY: [&str; 8] = ["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Vũ", "Đặng", "Bùi"];
+    const MIDDLE: [&str; 4] = ["Văn", "Thị", "Minh", "Thu"];
+    const GIVEN: [&str; 10] = ["An", "Bình", "Châu", "Dũng", "Hà", "Hùng", "Lan", "Mai", "Nam", "Tâm"];
+    let i = n as usize;
+    let name = format!("{} {} {}", FAMILY[i % 8], MIDDLE[(i / 8) % 4], GIVEN[(i / 32) % 10]);
+    (name, format!("09{:02} {:03} {:03}", (n / 1_000_000) % 100, (n / 1000) % 1000, n % 1000))
 }
 
 /// `(code, name, is_city)` of the embedded provinces.
@@ -109,6 +130,7 @@ pub fn generate(opts: &GenerateOptions) -> Registry {
                     100..200 => 2,
                     _ => 3,
                 };
+                let (contact_name, contact_phone) = contact(next_site - 1);
                 let site = Site {
                     id: id.clone(),
                     name: format!("Điểm cầu {} số {}", cname, j + 1),
@@ -116,6 +138,8 @@ pub fn generate(opts: &GenerateOptions) -> Registry {
                     commune: 0,
                     registered,
                     desks,
+                    contact_name,
+                    contact_phone,
                 };
                 rows.sites.push((site, code.clone(), cid.clone()));
             }

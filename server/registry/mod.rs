@@ -6,6 +6,10 @@
 
 pub mod csv;
 pub mod generate;
+pub mod sessions;
+pub mod sites;
+pub mod table;
+pub mod text;
 
 use std::collections::HashMap;
 
@@ -54,6 +58,10 @@ pub struct Site {
     pub registered: u32,
     /// Number of check-in desks; desks are numbered `1..=desks`.
     pub desks: u16,
+    /// Whom to call when the site is silent (the optional `contact_name` column; may be empty).
+    pub contact_name: String,
+    /// Their phone number as written (the optional `contact_phone` column; may be empty).
+    pub contact_phone: String,
 }
 
 /// One session of the event (e.g. day 1 morning).
@@ -61,10 +69,21 @@ pub struct Site {
 pub struct Session {
     /// Session id as used on the wire.
     pub id: u32,
-    /// Display name.
+    /// Display name, e.g. `Ngày 1 — Sáng`.
     pub name: String,
-    /// Scheduled start, free text (e.g. `2026-12-01T08:00`).
-    pub starts_at: String,
+    /// When it takes place; `None` for a session without times (never picked as current).
+    pub schedule: Option<Schedule>,
+}
+
+/// The time window of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    /// Start, Unix ms (inclusive).
+    pub starts_unix_ms: i64,
+    /// End, Unix ms (exclusive; after the start).
+    pub ends_unix_ms: i64,
+    /// IANA time zone the times were written in, e.g. `Asia/Ho_Chi_Minh` (for display).
+    pub time_zone: String,
 }
 
 /// The immutable registry.
@@ -256,5 +275,29 @@ impl Registry {
     /// Registered delegates of the whole country (per session).
     pub fn registered_total(&self) -> u64 {
         self.registered_total
+    }
+
+    /// The session that is current at `now_unix_ms` by the schedule: the one running, else the
+    /// next one if it starts within [`EARLY_CHECK_IN_MS`](crate::proto::schedule::EARLY_CHECK_IN_MS),
+    /// else the latest one started; `None` before that or when no session has times. The rule is
+    /// [`crate::proto::schedule`]'s, shared with the agents that read `Resume.schedule`.
+    pub fn current_session(&self, now_unix_ms: i64) -> Option<&Session> {
+        let windows =
+            self.sessions.iter().map(|s| s.schedule.as_ref().map_or((0, 0), |w| (w.starts_unix_ms, w.ends_unix_ms)));
+        crate::proto::schedule::current_index(windows, now_unix_ms).map(|i| &self.sessions[i])
+    }
+
+    /// The schedule as the wire carries it (`Resume.schedule`), in registry order.
+    pub fn schedule(&self) -> Vec<crate::proto::v1::SessionInfo> {
+        self.sessions
+            .iter()
+            .map(|s| crate::proto::v1::SessionInfo {
+                id: s.id,
+                name: s.name.clone(),
+                starts_unix_ms: s.schedule.as_ref().map_or(0, |w| w.starts_unix_ms),
+                ends_unix_ms: s.schedule.as_ref().map_or(0, |w| w.ends_unix_ms),
+                time_zone: s.schedule.as_ref().map_or_else(String::new, |w| w.time_zone.clone()),
+            })
+            .collect()
     }
 }

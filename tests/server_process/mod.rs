@@ -29,9 +29,8 @@ pub struct DataDir {
     pub curve_bucket: &'static str,
 }
 
-/// One row of `sites.csv`: id, name, province code, province name, commune id, commune name,
-/// registered, desks.
-pub type SiteRow = [String; 8];
+/// One row of a registry file.
+pub type SiteRow = Vec<String>;
 
 static STARTS: AtomicU64 = AtomicU64::new(0);
 
@@ -51,32 +50,26 @@ impl DataDir {
         headcount::server::registry::csv::write(reg, sites, sessions).unwrap();
     }
 
-    /// The rows of a registry's `sites.csv` and `sessions.csv`.
-    pub fn rows(reg: &Registry) -> (Vec<SiteRow>, Vec<[String; 3]>) {
-        let sites = reg
-            .sites
-            .iter()
-            .map(|s| {
-                let p = &reg.provinces[s.province as usize];
-                let c = &reg.communes[s.commune as usize];
-                [&s.id, &s.name, &p.code, &p.name, &c.id, &c.name, &s.registered.to_string(), &s.desks.to_string()]
-                    .map(|x| x.to_string())
-            })
-            .collect();
-        let sessions = reg.sessions.iter().map(|s| [s.id.to_string(), s.name.clone(), s.starts_at.clone()]).collect();
-        (sites, sessions)
+    /// The header and rows of a registry's `sites.csv` and `sessions.csv`, as the registry
+    /// writes them (sites: id, name, province code, province name, commune id, commune name,
+    /// registered, desks, then optional columns).
+    pub fn rows(reg: &Registry) -> (Vec<SiteRow>, Vec<SiteRow>) {
+        let (mut sites, mut sessions) = (Vec::new(), Vec::new());
+        headcount::server::registry::csv::write(reg, &mut sites, &mut sessions).unwrap();
+        let parse = |b: &[u8]| -> Vec<SiteRow> {
+            let mut r = csv::ReaderBuilder::new().has_headers(false).from_reader(b);
+            r.records().map(|rec| rec.unwrap().iter().map(str::to_owned).collect()).collect()
+        };
+        (parse(&sites), parse(&sessions))
     }
 
-    /// Rewrites the registry files from rows.
-    pub fn write_rows(&self, sites: &[SiteRow], sessions: &[[String; 3]]) {
-        let mut w = csv::Writer::from_path(self.root.path().join("sites.csv")).unwrap();
-        w.write_record(headcount::server::registry::csv::SITES_HEADER).unwrap();
-        sites.iter().for_each(|r| w.write_record(r).unwrap());
-        w.flush().unwrap();
-        let mut w = csv::Writer::from_path(self.root.path().join("sessions.csv")).unwrap();
-        w.write_record(headcount::server::registry::csv::SESSIONS_HEADER).unwrap();
-        sessions.iter().for_each(|r| w.write_record(r).unwrap());
-        w.flush().unwrap();
+    /// Rewrites the registry files from rows (header first, as [`DataDir::rows`] gives them).
+    pub fn write_rows(&self, sites: &[SiteRow], sessions: &[SiteRow]) {
+        for (name, rows) in [("sites.csv", sites), ("sessions.csv", sessions)] {
+            let mut w = csv::Writer::from_path(self.root.path().join(name)).unwrap();
+            rows.iter().for_each(|r| w.write_record(r).unwrap());
+            w.flush().unwrap();
+        }
     }
 
     fn command(&self, addr_file: &Path, failpoints: Option<&str>) -> Command {

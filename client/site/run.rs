@@ -1,0 +1,259 @@
+//! Running the agent: learn the schedule, start every input, print each line's answer and the
+//! connection state, stop at the end of standard input (when it is the only input) or on
+//! Ctrl-C / SIGTERM, flush, and choose the exit status.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    sync::mpsc,
+};
+
+use super::{Agent, ExitStatus, Mode, describe, follow::follow, schedule};
+
+/// Inputs and timings of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// How standard input's lines are read.
+    pub stdin_mode: Mode,
+    /// Files to follow (badge mode).
+    pub follow: Vec<PathBuf>,
+    /// How often followed files are polled.
+    pub poll: Duration,
+    /// The desk endpoint's address, if it is served.
+    pub http: Option<SocketAddr>,
+    /// How long to wait for the aggregator's schedule at start (when the state file has none).
+    pub start_timeout: Duration,
+    /// How long to wait for the last acknowledgement at the end.
+    pub flush_timeout: Duration,
+}
+
+/// Where operator lines go (stdout in the binary; a buffer in tests).
+pub type Out = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Runs the agent over `stdin` and the inputs of `opts` until done; returns the exit status.
+/// `stop` ends a run that has other inputs than standard input (Ctrl-C in the binary).
+pub async fn run(
+    agent: Arc<Agent>,
+    stdin: impl AsyncRead + Unpin + Send + 'static,
+    opts: RunOptions,
+    out: Out,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> ExitStatus {
+    let reporter = agent.reporter();
+    // The schedule: from the state file, or the first resume.
+    let mut st = reporter.watch_status();
+    let known = tokio::time::timeout(opts.start_timeout, st.wait_for(|s| !s.schedule.is_empty() || s.fatal.is_some()));
+    if known.await.is_err() {
+        out(format!(
+            "the aggregator did not answer within {:?} and the state file has no schedule yet: {}",
+            opts.start_timeout,
+            reporter.status().last_error.unwrap_or_else(|| "no error reported".into())
+        ));
+        if agent.session.is_none() {
+            out("pass --session ID to record check-ins while the aggregator is unreachable".into());
+            return ExitStatus::NotAcknowledged;
+        }
+    }
+    if let Some(f) = reporter.status().fatal {
+        out(format!("STOPPED: {f}"));
+        return ExitStatus::Permanent;
+    }
+    match agent.session_now() {
+        Ok(s) => {
+            let how = if agent.session.is_some() { "(--session)" } else { "(by the schedule)" };
+            out(format!("session {} {how}", reporter.status().session_name(s)));
+        }
+        Err(e @ schedule::ScheduleError::Unknown { .. }) => {
+            out(format!("STOPPED: {e}"));
+            return ExitStatus::Permanent;
+        }
+        Err(e) => {
+            out(format!("STOPPED: {e}"));
+            return ExitStatus::Permanent;
+        }
+    }
+    let watcher = tokio::spawn(show_status(agent.clone(), out.clone()));
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let stdin_only = opts.follow.is_empty() && opts.http.is_none();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(read_stdin(agent.clone(), stdin, opts.stdin_mode, out.clone(), done_tx)));
+    for path in &opts.follow {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+        tasks.push(tokio::spawn(follow(path.clone(), opts.poll, tx)));
+        let (agent, out, source) = (agent.clone(), out.clone(), path.display().to_string());
+        tasks.push(tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                let a = agent.line(&line, Mode::Badge, &source).await;
+                print(&out, &a, &source);
+            }
+        }));
+    }
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = opts.http {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                out(format!("desk page: http://{}/", listener.local_addr().unwrap_or(addr)));
+                let agent = agent.clone();
+                tasks.push(tokio::spawn(async move {
+                    let stopped = async {
+                        let _ = http_stopped.await;
+                    };
+                    if let Err(e) = crate::client::desk::serve(listener, agent, stopped).await {
+                        tracing::error!(error = %e, "desk endpoint failed");
+                    }
+                }));
+            }
+            Err(e) => {
+                out(format!("STOPPED: cannot listen on {addr} (--http): {e}"));
+                watcher.abort();
+                return ExitStatus::Permanent;
+            }
+        }
+    }
+    let mut fatal = reporter.watch_status();
+    let fatal = fatal.wait_for(|s| s.fatal.is_some());
+    tokio::select! {
+        _ = done_rx.recv(), if stdin_only => {}
+        () = stop => out("stopping: finishing what is being sent…".into()),
+        _ = fatal => {}
+    }
+    let _ = http_stop.send(());
+    for t in &tasks {
+        t.abort();
+    }
+    let flushed = reporter.flush(opts.flush_timeout).await;
+    watcher.abort();
+    let status = agent.exit_status(&flushed);
+    summary(&agent, &flushed, status, &out);
+    status
+}
+
+fn print(out: &Out, a: &super::Answer, source: &str) {
+    let text = describe(a, source);
+    if !text.is_empty() {
+        out(text);
+    }
+}
+
+/// Reads standard input to its end. Lines already buffered are handled concurrently, so a fast
+/// scanner or a replayed file costs one state save per burst (group commit), not per line;
+/// answers are still printed in input order.
+async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode, out: Out, done: mpsc::Sender<()>) {
+    let mut input = BufReader::new(input);
+    let mut number = 0u64;
+    loop {
+        let mut burst = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            match input.read_until(b'\n', &mut line).await {
+                Ok(0) => break,
+                Ok(_) => {
+                    if line.ends_with(b"\n") {
+                        line.pop();
+                    }
+                    number += 1;
+                    let (agent, source) = (agent.clone(), format!("line {number}"));
+                    burst.push((tokio::spawn(async move { agent.line(&line, mode, &source).await }), number));
+                }
+                Err(e) => {
+                    out(format!("REFUSED reading standard input failed: {e}"));
+                    break;
+                }
+            }
+            if input.buffer().is_empty() || burst.len() >= 1024 {
+                break;
+            }
+        }
+        if burst.is_empty() {
+            break;
+        }
+        for (task, number) in burst {
+            if let Ok(a) = task.await {
+                print(&out, &a, &format!("line {number}"));
+            }
+        }
+    }
+    let _ = done.send(()).await;
+}
+
+/// Prints connection changes and warnings as they happen.
+async fn show_status(agent: Arc<Agent>, out: Out) {
+    let mut rx = agent.reporter().watch_status();
+    let (mut connected, mut agents, mut foreign, mut refused) = (false, 0u32, 0u64, 0u64);
+    loop {
+        let st = rx.borrow_and_update().clone();
+        if st.connected != connected {
+            connected = st.connected;
+            if connected {
+                out(format!("connected to the aggregator (this agent's register slot: {})", st.agent_slot));
+            } else {
+                out(format!(
+                    "NOT CONNECTED: {} — check-ins are kept in the state file and sent on reconnect",
+                    st.last_error.clone().unwrap_or_else(|| "connection lost".into())
+                ));
+            }
+        }
+        if st.site_agents > 1 && st.site_agents != agents {
+            out(format!(
+                "note: {} agent installs report for this site (each counted on its own; the site total is their sum). \
+                 If this laptop replaces another, stop the other one.",
+                st.site_agents
+            ));
+        }
+        agents = st.site_agents;
+        if st.foreign > foreign {
+            out("WARNING: another writer changed this agent's register (same state file on two laptops?); re-sending this agent's count".into());
+            foreign = st.foreign;
+        }
+        if st.refused > refused {
+            out(format!(
+                "REFUSED by the aggregator: {} — that change was undone here",
+                st.last_error.clone().unwrap_or_default()
+            ));
+            refused = st.refused;
+        }
+        if let Some(f) = &st.fatal {
+            out(format!("STOPPED: {f}"));
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn summary(agent: &Agent, flushed: &Result<(), crate::client::ReporterError>, status: ExitStatus, out: &Out) {
+    let st = agent.reporter().status();
+    let (counted, repeats) = agent.badges();
+    let counts = st
+        .local
+        .iter()
+        .map(|(s, (_, c))| {
+            let acked = st.acked.get(s).map_or(0, |(_, c)| *c);
+            format!("session {}: {c} here, {acked} acknowledged", st.session_name(*s))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    out(format!(
+        "{counted} badges counted, {repeats} already checked in, {} lines refused. {counts}",
+        agent.refused_lines()
+    ));
+    for r in agent.refusals() {
+        out(format!("  refused: {r}"));
+    }
+    let verdict = match (status, flushed) {
+        (ExitStatus::Acknowledged, _) => "all acknowledged".to_owned(),
+        (ExitStatus::Refused, _) => format!(
+            "REFUSED: {} lines and {} reports were refused (listed above); the rest is acknowledged",
+            agent.refused_lines(),
+            st.refused
+        ),
+        (ExitStatus::Permanent, _) => format!("STOPPED: {}", st.fatal.clone().unwrap_or_default()),
+        (ExitStatus::NotAcknowledged, Err(e)) => {
+            format!("NOT ACKNOWLEDGED: {e}; the state file keeps everything and it is resent on the next start")
+        }
+        (ExitStatus::NotAcknowledged, Ok(())) => "NOT ACKNOWLEDGED".to_owned(),
+    };
+    out(verdict);
+}

@@ -338,7 +338,12 @@ async fn a_second_aggregator_on_the_same_directory_is_refused() {
 }
 
 /// A correction is in the audit trail a snapshot captures: after several snapshots have retired
-/// the journal that held it, a crash and recovery still show it.
+/// the journal that held it, a crash and recovery still show it. Then deterministically: a
+/// correction held (failpoint `pause`) between the audit trail and the journal queue while
+/// snapshots retire journals is still recovered, because a snapshot reads the audit trail (a
+/// write path that queued for the journal first and recorded in the audit after would lose it:
+/// the journal holding it deleted, no snapshot holding it). One test: the failpoint is global to
+/// this binary, and no other test here makes corrections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_correction_survives_the_snapshots_that_retire_its_journal() {
     let rig = Rig::start(Duration::from_millis(20)).await;
@@ -347,18 +352,70 @@ async fn a_correction_survives_the_snapshots_that_retire_its_journal() {
     let ack = s.send_batch(vec![common::correction(1, 2, 6, "double scan")]).await;
     assert_eq!(ack.applied[0].count, 6);
     let data = rig.dir.path().join("data");
-    let first_journal = data.join("journal-0000000001.log");
-    eventually("the journal holding the correction retired", DEADLINE, || {
-        let gone = !first_journal.exists();
-        async move { if gone { Ok(()) } else { Err("journal 1 still there".to_owned()) } }
-    })
-    .await;
+    wait_gone(&data, 1).await;
     let (agg, state) = rig.crash_and_open().await;
     assert_eq!(state, (2, 6));
+    assert_audited(&agg, 2, "double scan");
+    tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
+
+    let rig = Rig::start(Duration::from_millis(20)).await;
+    let mut s = rig.stream().await;
+    s.send_batch(vec![report(1, 1, 30)]).await;
+    let first = newest_journal(&rig.dir.path().join("data"));
+    fail::cfg("correction-before-journal", "pause").unwrap();
+    s.send(batch(vec![common::correction(1, 2, 6, "held")])).await;
+    let site = rig.agg.registry().site(SITE).unwrap();
+    let agg = rig.agg.clone();
+    eventually("the correction applied", DEADLINE, || {
+        let seq = agg.shared().registers.get(RegisterKey { site, desk: 1, session: 0 }).seq;
+        async move { if seq == 2 { Ok(()) } else { Err(format!("seq {seq}")) } }
+    })
+    .await;
+    // Journals up to the one current when the correction arrived retire behind snapshots.
+    wait_retired(&rig.dir.path().join("data"), first + 1).await;
+    rig.faults.frozen.store(true, SeqCst);
+    fail::cfg("correction-before-journal", "off").unwrap();
+    let (agg, _) = rig.crash_and_open().await;
+    assert_audited(&agg, 2, "held");
+    tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
+}
+
+fn journals(data: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(data)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("journal-")?.strip_suffix(".log")?.parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+fn newest_journal(data: &Path) -> u64 {
+    journals(data).pop().unwrap()
+}
+
+/// Waits until every journal up to `generation` is deleted (retired behind snapshots).
+async fn wait_retired(data: &Path, generation: u64) {
+    eventually("the journals retired", DEADLINE, || {
+        let left = journals(data);
+        let done = left.first().is_some_and(|&g| g > generation);
+        async move { if done { Ok(()) } else { Err(format!("journals {left:?}")) } }
+    })
+    .await;
+}
+
+async fn wait_gone(data: &Path, generation: u64) {
+    let path = data.join(format!("journal-{generation:010}.log"));
+    eventually("the journal retired", DEADLINE, || {
+        let left = path.exists().then(|| format!("{} still there", path.display()));
+        async move { left.map_or(Ok(()), Err) }
+    })
+    .await;
+}
+
+fn assert_audited(agg: &Aggregator, seq: u64, reason: &str) {
     let audit = agg.shared().audit.all();
     assert!(
-        audit.iter().any(|c| c.seq == 2 && c.previous_count == 30 && c.count == 6 && c.reason == "double scan"),
+        audit.iter().any(|c| c.seq == seq && c.previous_count == 30 && c.count == 6 && c.reason == reason),
         "correction lost from the audit trail: {audit:?}"
     );
-    tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
 }

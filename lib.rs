@@ -7,5 +7,6 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod logging;
 pub mod proto;
 pub mod server;

@@ -1,5 +1,5 @@
-//! Dashboard tools: `totals` (a scope and its children as a table) and `watch` (live updates),
-//! each human-readable or `--json` for scripts.
+//! Dashboard tools: `watch` (live updates), human-readable or `--json` for scripts, and the
+//! formatting shared with the one-shot commands in [`super::queries`].
 
 use std::time::Duration;
 
@@ -7,9 +7,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::connect::{ConnectError, authorized};
-use crate::proto::v1::{
-    BreakdownOrder, BreakdownRequest, Scope, ScopeKind, ScopeTotals, WatchRequest, totals_client::TotalsClient,
-};
+use crate::proto::v1::{Scope, ScopeKind, ScopeTotals, WatchRequest, totals_client::TotalsClient};
 
 /// Why a dashboard command failed.
 #[derive(Debug, thiserror::Error)]
@@ -161,52 +159,6 @@ pub fn table(children: &[ScopeTotals]) -> String {
         ));
     }
     out
-}
-
-/// `headcount totals`: prints a scope and its children (none for a site).
-pub async fn totals(
-    channel: Channel,
-    token: &str,
-    scope: Scope,
-    session: Option<u32>,
-    json: bool,
-    out: &mut impl std::io::Write,
-) -> Result<(), DashboardError> {
-    let mut client = TotalsClient::new(channel);
-    let is_site = scope.kind == ScopeKind::Site as i32;
-    let (parent, children) = if is_site {
-        let t = client
-            .get_totals(authorized(crate::proto::v1::TotalsRequest { scope: Some(scope), session }, token)?)
-            .await?
-            .into_inner();
-        (t, Vec::new())
-    } else {
-        let b = client
-            .breakdown(authorized(
-                BreakdownRequest { scope: Some(scope), session, order: BreakdownOrder::Id as i32, limit: 0 },
-                token,
-            )?)
-            .await?
-            .into_inner();
-        (b.parent.unwrap_or_default(), b.children)
-    };
-    if json {
-        #[derive(Serialize)]
-        struct Out {
-            totals: TotalsView,
-            children: Vec<TotalsView>,
-        }
-        let o = Out { totals: (&parent).into(), children: children.iter().map(TotalsView::from).collect() };
-        serde_json::to_writer_pretty(&mut *out, &o)?;
-        let _ = writeln!(out);
-    } else {
-        let _ = writeln!(out, "{}", summary_line(&parent));
-        if !children.is_empty() {
-            let _ = writeln!(out);
-            let _ = write!(out, "{}", table(&children));
-        }
-    }
-    Ok(())
 }
 
 /// `headcount watch`: prints the snapshot and every update until the stream ends, `max_updates`

@@ -4,10 +4,12 @@
 pub mod bench;
 pub mod connect;
 pub mod desk;
+pub mod limits;
 pub mod reporter;
 
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
 pub mod dashboard;
+pub mod queries;
 pub mod simulate;
 pub mod site;
 pub mod watch;

@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use super::{
     connect::{ConnectError, authorized, endpoint},
     dashboard::thousands,
+    limits::{FD_RESERVE, check_ports, check_streams_per_connection, ensure_open_files},
     reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
 };
 use crate::{
@@ -27,6 +28,7 @@ use crate::{
     server::{
         Aggregator, AggregatorConfig, Auth, RunningServer, Transport,
         durability::DurabilityConfig,
+        http,
         registry::{
             Registry,
             generate::{GenerateOptions, generate},
@@ -79,6 +81,15 @@ pub struct SimulateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Serve the live dashboard (page, JSON API, exports, /metrics) here while the simulation runs.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http_listen: std::net::SocketAddr,
+    /// No dashboard.
+    #[arg(long)]
+    pub no_http: bool,
+    /// After the verdict, keep the aggregator and its dashboard up until Ctrl-C.
+    #[arg(long)]
+    pub serve_after: bool,
 }
 
 impl Default for SimulateArgs {
@@ -98,6 +109,9 @@ impl Default for SimulateArgs {
             in_memory: false,
             json: false,
             quiet: true,
+            http_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            no_http: false,
+            serve_after: false,
         }
     }
 }
@@ -233,6 +247,8 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         return Err(SimulateError::Args("--sites, --ticks-per-second and --sites-per-connection must be > 0".into()));
     }
     let registry = generate(&GenerateOptions { sites: args.sites, seed: args.seed, ..GenerateOptions::default() });
+    let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
+    check_limits(args, &registry, &transport)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let plan = plan(&registry, args, &mut rng);
     let secret: [u8; 32] = rng.random();
@@ -252,7 +268,6 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
             .map_err(|e| SimulateError::Args(format!("cannot open the data directory: {e}")))?
             .0
     };
-    let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
     let server = RunningServer::start(
         "127.0.0.1:0".parse().map_err(|_| SimulateError::Args("addr".into()))?,
         agg,
@@ -261,6 +276,13 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     )
     .await?;
     let url = server.url();
+    if !args.no_http {
+        let l = std::net::TcpListener::bind(args.http_listen)?;
+        let (addr, _) = http::spawn(l, server.aggregator.clone(), auth.clone(), http::HttpConfig::default())?;
+        if !args.quiet || args.serve_after {
+            eprintln!("Dashboard: http://{addr}/login?token={}", auth.read_token("simulation"));
+        }
+    }
 
     // Connections: shared by `sites_per_connection` sites, or one per site.
     let per_conn = if args.connection_per_site { 1 } else { args.sites_per_connection } as usize;
@@ -356,6 +378,11 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
             r.shutdown().await;
         }
     }
+    if args.serve_after {
+        let verdict = if mismatches.is_empty() { "exact" } else { "MISMATCH" };
+        eprintln!("Verdict: {verdict}. The dashboard stays up; Ctrl-C stops it.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
     tracing::info!(elapsed = ?start.elapsed(), "stopping");
     let _ = server.stop().await;
     tracing::info!(elapsed = ?start.elapsed(), "stopped");
@@ -380,6 +407,45 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         mismatch_count: mismatches.len(),
         mismatches: mismatches.into_iter().take(20).collect(),
     })
+}
+
+/// Refuses at once a run the aggregator or the machine cannot carry: more desk streams on one
+/// connection than the aggregator admits, more open files (both ends of every connection live in
+/// this process) than `RLIMIT_NOFILE` allows after raising the soft limit to the hard one, more
+/// connections than ephemeral ports.
+fn check_limits(args: &SimulateArgs, registry: &Registry, transport: &Transport) -> Result<(), SimulateError> {
+    let per_conn = if args.connection_per_site { 1 } else { args.sites_per_connection as usize };
+    let busiest = registry
+        .sites
+        .chunks(per_conn)
+        .map(|sites| sites.iter().map(|s| u64::from(s.desks)).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    let most_desks = registry.sites.iter().map(|s| u64::from(s.desks)).max().unwrap_or(1).max(1);
+    check_streams_per_connection(
+        busiest,
+        transport.max_streams_per_connection,
+        &format!("--sites-per-connection {} (one stream per desk)", args.sites_per_connection),
+        &format!(
+            "Use --sites-per-connection {} or fewer.",
+            (u64::from(transport.max_streams_per_connection) / most_desks).max(1)
+        ),
+    )
+    .map_err(|e| SimulateError::Args(e.to_string()))?;
+    let connections = registry.sites.len().div_ceil(per_conn) as u64;
+    let what = if args.connection_per_site {
+        format!("--connection-per-site ({connections} connections, both ends in this process)")
+    } else {
+        format!("{connections} connections (both ends in this process)")
+    };
+    let fix = if args.connection_per_site {
+        "drop --connection-per-site (sites then share connections, --sites-per-connection)."
+    } else {
+        "raise --sites-per-connection."
+    };
+    ensure_open_files(2 * connections + FD_RESERVE, &what, fix).map_err(|e| SimulateError::Args(e.to_string()))?;
+    check_ports(connections, &what, fix).map_err(|e| SimulateError::Args(e.to_string()))?;
+    Ok(())
 }
 
 /// Feeds one desk's arrivals to its reporter on each tick, session after session.

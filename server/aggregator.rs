@@ -472,6 +472,7 @@ impl Aggregator {
 
     fn rejection(&self, r: ReporterId, report: &Report, err: &Error) -> Rejection {
         let s = &self.shared;
+        metrics::counter!("headcount_report_rejections_total", "code" => format!("{:?}", err.code())).increment(1);
         let current = s.registry.session(report.session).map(|session| {
             let reg = s.registers.get(RegisterKey { site: r.site, desk: r.desk, session });
             RegisterState { session: report.session, seq: reg.seq, count: reg.count }

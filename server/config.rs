@@ -115,6 +115,17 @@ pub struct ServerArgs {
     /// On SIGINT/SIGTERM, how long streams get to finish before the process exits anyway.
     #[arg(long, env = "HEADCOUNT_GRACE", default_value = "10s", value_parser = duration)]
     pub grace: Duration,
+    /// Serve the live dashboard page, the JSON API, CSV exports and `/metrics` over HTTP on this
+    /// address (from its own thread and runtime, like --read-listen).
+    #[arg(long, env = "HEADCOUNT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Lobby screen: national and province figures readable over HTTP without a token
+    /// (communes, sites, silent sites, corrections, exports and metrics still need one).
+    #[arg(long, env = "HEADCOUNT_HTTP_PUBLIC")]
+    pub http_public: bool,
+    /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "HEADCOUNT_LOG_FORMAT", value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Why the aggregator cannot start with these settings.
@@ -132,6 +143,9 @@ pub enum ConfigError {
          --reference-registry to serve the built-in synthetic 10,035-site registry (simulations and tests only)"
     )]
     NoRegistry,
+    /// `--time-zone` is not a time zone of the tz database.
+    #[error("--time-zone {0:?} is not a known time zone: give an IANA name such as Asia/Ho_Chi_Minh")]
+    TimeZone(String),
 }
 
 impl ServerArgs {
@@ -140,6 +154,9 @@ impl ServerArgs {
     pub fn registry(&self) -> Result<Registry, ConfigError> {
         match (&self.sites, &self.sessions) {
             (Some(sites), Some(sessions)) => {
+                if jiff::tz::TimeZone::get(&self.time_zone).is_err() {
+                    return Err(ConfigError::TimeZone(self.time_zone.clone()));
+                }
                 let options = registry::csv::LoadOptions { time_zone: self.time_zone.clone() };
                 Ok(registry::csv::load_with(sites, sessions, &options)?)
             }
@@ -178,6 +195,11 @@ impl ServerArgs {
         }
     }
 
+    /// The HTTP side's settings.
+    pub fn http(&self) -> super::http::HttpConfig {
+        super::http::HttpConfig { public: self.http_public, time_zone: self.time_zone.clone() }
+    }
+
     /// The journal settings, or None with `--in-memory`.
     pub fn durability(&self) -> Option<DurabilityConfig> {
         (!self.in_memory).then(|| DurabilityConfig {
@@ -196,6 +218,7 @@ impl ServerArgs {
             publish_tick: self.publish_tick,
             curve_bucket: self.curve_bucket,
             max_count: self.max_count,
+            max_agents_per_site: self.max_agents_per_site,
             max_batch: self.max_batch,
             max_reason: self.max_reason_bytes,
             max_message_bytes: self.max_message_bytes,

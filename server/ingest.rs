@@ -80,6 +80,7 @@ impl Ingest for IngestService {
 
     async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
         let Ok(_permit) = self.handshakes.try_acquire() else {
+            metrics::counter!("headcount_handshakes_refused_total", "code" => "ResourceExhausted").increment(1);
             let mut status = Status::resource_exhausted("too many streams opening at once; retry after backoff");
             status
                 .metadata_mut()
@@ -87,6 +88,7 @@ impl Ingest for IngestService {
             return Err(status);
         };
         let (reporter, claim) = self.identify_agent(request.metadata()).await.inspect_err(|e| {
+            metrics::counter!("headcount_handshakes_refused_total", "code" => format!("{:?}", e.code())).increment(1);
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
         let mut resume = self.agg.resume_durable(reporter).await?;

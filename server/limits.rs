@@ -22,6 +22,10 @@ pub const DEFAULT_MAX_REASON: usize = 256;
 /// Largest message, bytes (default of `--max-message-bytes`): 512 KiB, above the 290 KiB a full
 /// batch of 1,024 reports with 256-byte reasons takes.
 pub const DEFAULT_MAX_MESSAGE: usize = 512 * 1024;
+/// Largest Totals request, bytes. Requests are a scope id and a few numbers; tonic reads a unary
+/// request whole before any token is checked, so this, not `--max-message-bytes`, bounds what an
+/// unauthenticated caller can make the aggregator hold per stream.
+pub const MAX_TOTALS_REQUEST: usize = 16 * 1024;
 /// Highest `--max-count` accepted, whatever the registry.
 pub const MAX_COUNT_CEILING: i64 = 1_000_000_000;
 /// A rejection's message is cut to this many bytes (at a character boundary).
@@ -54,6 +58,8 @@ pub struct Settings {
     pub curve_bucket: Duration,
     /// `--max-count`.
     pub max_count: i64,
+    /// `--max-agents-per-site`.
+    pub max_agents_per_site: u16,
     /// `--max-batch`.
     pub max_batch: usize,
     /// `--max-reason-bytes`.
@@ -101,16 +107,24 @@ fn span(flag: &'static str, v: Duration, min: Duration, max: Duration, why: &str
     Ok(())
 }
 
-const SEC: Duration = Duration::from_secs(1);
+/// The shortest duration accepted for a period: tests and demos use a few hundred ms.
+const TENTH: Duration = Duration::from_millis(100);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Checks every setting's range and the relations between them. The first problem found is
 /// returned; the message names the flag, the value and the rule.
 pub fn check(s: &Settings) -> Result<(), LimitError> {
-    span("--silent-after", s.silent_after, SEC, DAY, " (site agents heartbeat every 15 s)")?;
-    span("--publish-tick", s.publish_tick, Duration::from_millis(10), Duration::from_secs(60), "")?;
-    span("--curve-bucket", s.curve_bucket, SEC, DAY, "")?;
+    span("--silent-after", s.silent_after, TENTH, DAY, " (site agents heartbeat every 15 s)")?;
+    span("--publish-tick", s.publish_tick, Duration::from_millis(1), Duration::from_secs(60), "")?;
+    span("--curve-bucket", s.curve_bucket, TENTH, DAY, "")?;
     within("--max-count", s.max_count, 1, MAX_COUNT_CEILING, " (per desk and session; totals must fit in 64 bits)")?;
+    within(
+        "--max-agents-per-site",
+        s.max_agents_per_site,
+        1,
+        u16::MAX - super::installs::INSTALL_DESK_BASE,
+        " (the register slots a site has for agent installs)",
+    )?;
     within("--max-batch", s.max_batch, 1, 65_536, "")?;
     within("--max-reason-bytes", s.max_reason, 0, 4096, "")?;
     within("--max-streams-per-connection", s.max_streams_per_connection, 1, 100_000, "")?;
@@ -122,11 +136,11 @@ pub fn check(s: &Settings) -> Result<(), LimitError> {
         MAX_WINDOW,
         " (at least --stream-window)",
     )?;
-    span("--keepalive-interval", s.keepalive_interval, SEC, Duration::from_secs(2 * 3600), "")?;
-    span("--keepalive-timeout", s.keepalive_timeout, SEC, Duration::from_secs(600), "")?;
+    span("--keepalive-interval", s.keepalive_interval, TENTH, Duration::from_secs(2 * 3600), "")?;
+    span("--keepalive-timeout", s.keepalive_timeout, TENTH, Duration::from_secs(600), "")?;
     span("--flush-interval", s.flush_interval, Duration::from_micros(100), Duration::from_secs(10), "")?;
     within("--flush-records", s.flush_records, 1, 10_000_000, "")?;
-    span("--snapshot-interval", s.snapshot_interval, Duration::from_millis(100), DAY, "")?;
+    span("--snapshot-interval", s.snapshot_interval, TENTH, DAY, "")?;
     within("--max-concurrent-handshakes", s.max_concurrent_handshakes, 1, 1_000_000, "")?;
     span("--grace", s.grace, Duration::ZERO, Duration::from_secs(3600), "")?;
     let batch = largest_batch_message(s.max_batch, s.max_reason);

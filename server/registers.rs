@@ -208,3 +208,114 @@ impl Registers {
         self.map.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(site: u32, desk: u16, session: u16) -> RegisterKey {
+        RegisterKey { site, desk, session }
+    }
+
+    #[test]
+    fn packing_round_trips_every_field() {
+        for k in [key(0, 0, 0), key(10_034, 3, 2), key(u32::MAX, u16::MAX, u16::MAX), key(1, 2, 3)] {
+            assert_eq!(RegisterKey::unpack(k.packed()), k);
+        }
+        assert_ne!(key(1, 2, 3).packed(), key(1, 3, 2).packed());
+        assert_ne!(key(1, 0, 0).packed(), key(0, 1, 0).packed());
+    }
+
+    #[test]
+    fn the_counting_rule_applies_only_newer_seqs() {
+        let r = Registers::new(false);
+        let k = key(7, 1, 0);
+        let zero = Register::default();
+        assert_eq!(r.apply(k, 2, 5), Outcome::Applied { previous: zero, current: Register { seq: 2, count: 5 } });
+        // Older: unchanged, answered with what is stored.
+        assert_eq!(r.apply(k, 1, 9), Outcome::Unchanged(Register { seq: 2, count: 5 }));
+        // Same seq, same count: a duplicate.
+        assert_eq!(r.apply(k, 2, 5), Outcome::Unchanged(Register { seq: 2, count: 5 }));
+        // Same seq, another count: a conflict, nothing changes.
+        assert_eq!(r.apply(k, 2, 6), Outcome::Conflict(Register { seq: 2, count: 5 }));
+        assert_eq!(r.get(k), Register { seq: 2, count: 5 });
+        // Newer with a lower count: a correction is applied.
+        assert_eq!(
+            r.apply(k, 3, 1),
+            Outcome::Applied { previous: Register { seq: 2, count: 5 }, current: Register { seq: 3, count: 1 } }
+        );
+        // Newer with the same count is applied too (a new seq).
+        assert!(matches!(r.apply(k, 9, 1), Outcome::Applied { .. }));
+        assert_eq!(r.get(k), Register { seq: 9, count: 1 });
+        // Other registers are untouched.
+        assert_eq!(r.get(key(7, 1, 1)), zero);
+        assert_eq!(r.get(key(7, 2, 0)), zero);
+    }
+
+    #[test]
+    fn changed_registers_are_queued_once_for_the_journal_whatever_the_site() {
+        let r = Registers::new(true);
+        // Sites well beyond the shard count: the shard is the site modulo the shard count.
+        let keys = [key(0, 1, 0), key(17, 1, 1), key(300, 2, 0), key(10_034, 1, 3)];
+        for (i, k) in keys.iter().enumerate() {
+            r.apply(*k, 1, i as i64);
+            r.apply(*k, 2, i as i64 + 10);
+        }
+        r.apply(keys[0], 1, 99); // stale: not queued again, state unchanged
+        let mut dirty = r.take_dirty();
+        dirty.sort_by_key(|(k, _)| k.packed());
+        let mut want: Vec<(RegisterKey, Register)> =
+            keys.iter().enumerate().map(|(i, k)| (*k, Register { seq: 2, count: i as i64 + 10 })).collect();
+        want.sort_by_key(|(k, _)| k.packed());
+        assert_eq!(dirty, want);
+        assert!(r.take_dirty().is_empty(), "taken once");
+        r.apply(keys[2], 3, 1);
+        assert_eq!(r.take_dirty(), vec![(keys[2], Register { seq: 3, count: 1 })]);
+        // Without a journal nothing is queued.
+        let plain = Registers::new(false);
+        plain.apply(keys[1], 1, 1);
+        assert!(plain.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn the_flusher_is_woken_once_a_shard_holds_its_share_of_the_early_commit() {
+        let r = Registers::new(true);
+        // 40 records over 16 shards: woken at 2 queued in one shard.
+        r.set_flusher(std::thread::current(), 40);
+        r.apply(key(0, 1, 0), 1, 1);
+        r.apply(key(16, 1, 0), 1, 1); // same shard as site 0: the second queued key
+        // Returns at once when unparked; the deadline only bounds a missing wake.
+        let waited = std::time::Instant::now();
+        std::thread::park_timeout(std::time::Duration::from_secs(30));
+        assert!(waited.elapsed() < std::time::Duration::from_secs(30), "the flusher was never woken");
+    }
+
+    #[test]
+    fn restore_keeps_the_newest_state() {
+        let r = Registers::new(false);
+        let k = key(3, 1, 2);
+        assert_eq!(r.restore(k, Register { seq: 4, count: 8 }), Some(Register::default()));
+        assert_eq!(r.restore(k, Register { seq: 4, count: 9 }), None, "equal seq: kept");
+        assert_eq!(r.restore(k, Register { seq: 3, count: 1 }), None, "older: kept");
+        assert_eq!(r.get(k), Register { seq: 4, count: 8 });
+        assert_eq!(r.restore(k, Register { seq: 5, count: 2 }), Some(Register { seq: 4, count: 8 }));
+        assert_eq!(r.get(k), Register { seq: 5, count: 2 });
+    }
+
+    #[test]
+    fn snapshot_and_len_list_every_written_register() {
+        let r = Registers::new(false);
+        assert!(r.is_empty());
+        assert_eq!(r.len(), 0);
+        r.apply(key(1, 1, 0), 1, 3);
+        r.apply(key(2, 1, 0), 1, 4);
+        assert!(!r.is_empty());
+        assert_eq!(r.len(), 2);
+        let mut s = r.snapshot();
+        s.sort_by_key(|(k, _)| k.packed());
+        assert_eq!(
+            s,
+            vec![(key(1, 1, 0), Register { seq: 1, count: 3 }), (key(2, 1, 0), Register { seq: 1, count: 4 })]
+        );
+    }
+}

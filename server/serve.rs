@@ -136,7 +136,7 @@ fn totals_server(agg: &Aggregator, auth: Auth, transport: &Transport) -> ClientE
         TotalsServer::new(TotalsService::new(agg.clone(), auth))
             // A national breakdown of all communes can be large; answers are bounded by the registry.
             .max_encoding_message_size(64 * 1024 * 1024)
-            .max_decoding_message_size(transport.max_message_bytes),
+            .max_decoding_message_size(super::limits::MAX_TOTALS_REQUEST.min(transport.max_message_bytes)),
     )
 }
 

@@ -211,3 +211,122 @@ impl Tallies {
         self.sessions
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::server::registry::generate::{GenerateOptions, generate};
+
+    /// A registry with sites in every national and province shard.
+    fn registry() -> Registry {
+        generate(&GenerateOptions { sites: 300, ..GenerateOptions::default() })
+    }
+
+    #[test]
+    fn every_node_and_session_reads_the_sum_of_its_sites() {
+        let reg = registry();
+        let t = Tallies::new(&reg);
+        assert_eq!(t.sessions(), reg.sessions.len());
+        // model[(level, index, session)] = count
+        let mut model: HashMap<(Level, u32, usize), i64> = HashMap::new();
+        for (i, site) in reg.sites.iter().enumerate() {
+            let session = i % reg.sessions.len();
+            let delta = (i as i64 % 7) + 1;
+            t.add(i as u32, session, delta, 1_000 + i as i64);
+            // A correction lowers the count again for some.
+            if i % 5 == 0 {
+                t.add(i as u32, session, -1, 1_000 + i as i64);
+            }
+            let net = delta - i64::from(i % 5 == 0);
+            for (level, index) in [
+                (Level::Site, i as u32),
+                (Level::Commune, site.commune),
+                (Level::Province, site.province),
+                (Level::National, 0),
+            ] {
+                *model.entry((level, index, session)).or_default() += net;
+            }
+        }
+        let nodes = [
+            (Level::National, 1),
+            (Level::Province, reg.provinces.len()),
+            (Level::Commune, reg.communes.len()),
+            (Level::Site, reg.sites.len()),
+        ];
+        for (level, n) in nodes {
+            for index in 0..n as u32 {
+                let node = Node { level, index };
+                let mut all = 0;
+                for s in 0..reg.sessions.len() {
+                    let want = model.get(&(level, index, s)).copied().unwrap_or(0);
+                    assert_eq!(t.read(node, Some(s)).count, want, "{node:?} session {s}");
+                    all += want;
+                }
+                assert_eq!(t.read(node, None).count, all, "{node:?} all sessions");
+            }
+        }
+    }
+
+    #[test]
+    fn the_last_change_time_is_the_latest_add() {
+        let reg = registry();
+        let t = Tallies::new(&reg);
+        assert_eq!(t.read(Node::NATIONAL, None).changed_ms, 0, "never changed");
+        t.add(5, 1, 3, 2_000);
+        t.add(6, 1, 3, 1_500); // an older clock reading does not move it back
+        let site = Node { level: Level::Site, index: 5 };
+        assert_eq!(t.read(site, Some(1)).changed_ms, 2_000);
+        assert_eq!(t.read(site, Some(0)).changed_ms, 0, "other session untouched");
+        assert_eq!(t.read(Node::NATIONAL, Some(1)).changed_ms, 2_000);
+        t.add(6, 1, 1, 2_500);
+        assert_eq!(t.read(Node::NATIONAL, None).changed_ms, 2_500);
+        assert_eq!(t.read(Node { level: Level::Site, index: 6 }, None).changed_ms, 2_500);
+    }
+
+    #[test]
+    fn reporting_sites_roll_up_and_down() {
+        let reg = registry();
+        let t = Tallies::new(&reg);
+        t.add_reporting(0, 1);
+        t.add_reporting(1, 1);
+        t.add_reporting(0, -1);
+        let s1 = &reg.sites[1];
+        assert_eq!(t.read(Node::NATIONAL, None).reporting, 1);
+        assert_eq!(t.read(Node { level: Level::Site, index: 1 }, None).reporting, 1);
+        assert_eq!(t.read(Node { level: Level::Site, index: 0 }, None).reporting, 0);
+        assert_eq!(t.read(Node { level: Level::Commune, index: s1.commune }, None).reporting, 1);
+        assert_eq!(t.read(Node { level: Level::Province, index: s1.province }, Some(2)).reporting, 1);
+    }
+
+    #[test]
+    fn over_capacity_is_read_per_node_and_session_slot() {
+        let reg = registry();
+        let t = Tallies::new(&reg);
+        let slots = reg.sessions.len() + 1;
+        let values: Vec<u32> = (0..reg.provinces.len() * slots).map(|v| v as u32 + 1).collect();
+        t.store_over_capacity(Level::Province, &values);
+        for p in 0..reg.provinces.len() {
+            let node = Node { level: Level::Province, index: p as u32 };
+            for s in 0..reg.sessions.len() {
+                assert_eq!(t.read(node, Some(s)).over_capacity, values[p * slots + s]);
+            }
+            assert_eq!(t.read(node, None).over_capacity, values[p * slots + reg.sessions.len()]);
+        }
+        assert_eq!(t.read(Node::NATIONAL, None).over_capacity, 0, "other levels untouched");
+    }
+
+    #[test]
+    fn a_site_rolls_up_into_its_own_commune_and_province() {
+        let reg = registry();
+        let t = Tallies::new(&reg);
+        for (i, s) in reg.sites.iter().enumerate() {
+            let p = t.path(i as u32);
+            assert_eq!(p[0], Node { level: Level::Site, index: i as u32 });
+            assert_eq!(p[1], Node { level: Level::Commune, index: s.commune });
+            assert_eq!(p[2], Node { level: Level::Province, index: s.province });
+            assert_eq!(p[3], Node::NATIONAL);
+        }
+    }
+}

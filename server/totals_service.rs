@@ -124,6 +124,7 @@ async fn publish(
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last: Option<(ScopeTotals, Vec<ScopeTotals>)> = None;
+    metrics::gauge!("headcount_watchers").increment(1.0);
     let mut sequence = 0;
     loop {
         tokio::select! {
@@ -149,6 +150,7 @@ async fn publish(
         last = Some((totals, kids));
         sequence += 1;
     }
+    metrics::gauge!("headcount_watchers").decrement(1.0);
     // Shut down: the watch ends with UNAVAILABLE (not OK, which would read as "nothing more
     // will ever change"). Waits for room in the channel; a watcher gone by then is fine.
     let _ = tx.send(Err(Status::unavailable("aggregator shutting down; watch again later"))).await;

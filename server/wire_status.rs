@@ -26,6 +26,8 @@ use tonic::{
     server::NamedService,
 };
 
+use crate::proto::metadata::{DESK_HEADER, SITE_HEADER};
+
 /// The status to send for a status that tonic produced while reading a request.
 pub fn classify(status: Status) -> Status {
     let msg = status.message();
@@ -68,10 +70,19 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // Who asked, for the log line of a refusal that tonic makes before our handler runs.
+        let header = |name: &str| req.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let (site, desk) = (header(SITE_HEADER), header(DESK_HEADER));
+        let path = req.uri().path().to_owned();
         let fut = self.0.call(req);
         Box::pin(async move {
             let mut response = fut.await?;
-            remap_headers(response.headers_mut());
+            if let Some(status) = remap_headers(response.headers_mut()) {
+                tracing::info!(
+                    site = site.as_deref().unwrap_or("-"), desk = desk.as_deref().unwrap_or("-"), %path,
+                    code = ?status.code(), message = status.message(), "call refused before it started"
+                );
+            }
             Ok(response)
         })
     }
@@ -79,23 +90,29 @@ where
 
 /// Rewrites `grpc-status`/`grpc-message` of a trailers-only response, if [`classify`] changes
 /// them. Responses without a status in their headers (every normal answer) are untouched.
-fn remap_headers(headers: &mut http::HeaderMap) {
-    let Some(code) = headers.get(Status::GRPC_STATUS) else { return };
-    // Only the two codes tonic uses for client framing errors need a look.
-    if !matches!(code.as_bytes(), b"13" | b"11") {
-        return;
+/// Returns the status when it is one tonic made (remapped here, or `UNIMPLEMENTED`: an unknown
+/// method or compression), for the caller to log; our handlers log their own refusals.
+fn remap_headers(headers: &mut http::HeaderMap) -> Option<Status> {
+    let code = headers.get(Status::GRPC_STATUS)?;
+    // Only the codes tonic uses for client framing errors and unsupported calls need a look.
+    if !matches!(code.as_bytes(), b"13" | b"11" | b"12") {
+        return None;
     }
-    let Some(status) = Status::from_header_map(headers) else { return };
+    let status = Status::from_header_map(headers)?;
+    if status.code() == Code::Unimplemented {
+        return Some(status);
+    }
     let (code, message) = (status.code(), status.message().to_owned());
     let mapped = classify(status);
     if mapped.code() == code && mapped.message() == message {
-        return;
+        return None;
     }
     headers.remove(Status::GRPC_STATUS);
     headers.remove(Status::GRPC_MESSAGE);
     if let Err(e) = mapped.add_header(headers) {
         tracing::warn!(error = %e, "cannot rewrite a gRPC status header");
     }
+    Some(mapped)
 }
 
 #[cfg(test)]
@@ -129,14 +146,15 @@ mod tests {
     fn trailers_only_headers_are_rewritten() {
         let mut headers = http::HeaderMap::new();
         Status::internal("Unexpected EOF decoding stream.").add_header(&mut headers).expect("valid header");
-        remap_headers(&mut headers);
+        let logged = remap_headers(&mut headers).map(|s| s.code());
+        assert_eq!(logged, Some(Code::InvalidArgument));
         let status = Status::from_header_map(&headers).expect("still a status");
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("Unexpected EOF"), "{status:?}");
 
         let mut ok = http::HeaderMap::new();
         ok.insert("content-type", http::HeaderValue::from_static("application/grpc"));
-        remap_headers(&mut ok);
+        assert!(remap_headers(&mut ok).is_none());
         assert_eq!(ok.len(), 1, "a normal answer is untouched");
     }
 }

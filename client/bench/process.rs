@@ -49,6 +49,10 @@ impl ServerProcess {
             Some(d) => cmd.arg("--data-dir").arg(d),
             None => cmd.arg("--in-memory"),
         };
+        // The bench drives the generated reference registry, which the server serves only when asked.
+        if !spec.extra.iter().any(|a| a.starts_with("--sites") || a.starts_with("--reference-registry")) {
+            cmd.arg("--reference-registry");
+        }
         cmd.args(&spec.extra)
             .env("HEADCOUNT_AUTH_SECRET", &spec.secret)
             .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))

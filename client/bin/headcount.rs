@@ -9,11 +9,13 @@ use headcount::{
         Reporter, ReporterConfig,
         bench::{self, BenchArgs},
         connect::lazy_channel,
-        dashboard::{self, parse_scope},
+        dashboard::parse_scope,
+        queries,
         reporter::state::FileStore,
         simulate::{self, SimulateArgs},
         site,
     },
+    logging::LogFormat,
     server::{
         Auth,
         registry::{
@@ -32,6 +34,9 @@ use headcount::{
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, env = "HEADCOUNT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -43,7 +48,13 @@ enum Command {
     /// for good (fix the flag named), 5 some lines or reports refused.
     Site(SiteArgs),
     /// Print the totals of a scope and the table of its children.
-    Totals(ReadArgs),
+    Totals(TotalsArgs),
+    /// List the silent sites of a scope (no report or heartbeat lately).
+    Silent(SilentArgs),
+    /// Print the check-in curve (per bucket) of the nation or a province.
+    Curve(ReadArgs),
+    /// Print the corrections (audit trail), newest first.
+    Corrections(CorrectionsArgs),
     /// Follow a scope live.
     Watch(WatchArgs),
     /// Mint tokens (needs the aggregator's secret).
@@ -114,6 +125,46 @@ struct ReadArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct TotalsArgs {
+    #[command(flatten)]
+    read: ReadArgs,
+    /// Children order: `id`, `count` (largest first) or `turnout` (laggards first).
+    #[arg(long, default_value = "id", value_parser = queries::parse_order)]
+    order: headcount::proto::v1::BreakdownOrder,
+    /// At most this many children (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+    /// CSV output (the scope's row, then its children) for spreadsheets.
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct SilentArgs {
+    #[command(flatten)]
+    read: ReadArgs,
+    /// At most this many sites listed (0: all); the total is always printed.
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+}
+
+#[derive(Debug, clap::Args)]
+struct CorrectionsArgs {
+    /// Aggregator URL.
+    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// A read token (`headcount token read`).
+    #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// At most this many, newest first (0: all).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct WatchArgs {
     #[command(flatten)]
     read: ReadArgs,
@@ -166,11 +217,8 @@ struct RegistryArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    headcount::logging::init(cli.log_format, "warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -249,9 +297,33 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(ExitCode::from(status as u8))
         }
         Command::Totals(args) => {
+            let r = args.read;
+            let channel = lazy_channel(&r.server)?;
+            let output = if args.csv {
+                queries::Output::Csv
+            } else if r.json {
+                queries::Output::Json
+            } else {
+                queries::Output::Table
+            };
+            let options = queries::TotalsOptions { order: args.order, limit: args.limit, output };
+            queries::totals(channel, &r.token, parse_scope(&r.scope)?, r.session, options, &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Silent(args) => {
+            let r = args.read;
+            let channel = lazy_channel(&r.server)?;
+            queries::silent(channel, &r.token, parse_scope(&r.scope)?, args.limit, r.json, &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Curve(r) => {
+            let channel = lazy_channel(&r.server)?;
+            queries::curve(channel, &r.token, parse_scope(&r.scope)?, r.session, r.json, &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Corrections(args) => {
             let channel = lazy_channel(&args.server)?;
-            dashboard::totals(channel, &args.token, parse_scope(&args.scope)?, args.session, args.json, &mut stdout)
-                .await?;
+            queries::corrections(channel, &args.token, args.limit, args.json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch(args) => {

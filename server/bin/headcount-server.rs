@@ -17,15 +17,18 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let cli = Cli::parse();
+    headcount::logging::init(cli.server.log_format, "info");
     match run(cli.server).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("headcount-server: {e}");
+            // Once: through the log (stderr, in the chosen format) when it shows errors, else
+            // plainly — a fatal error is never silenced by RUST_LOG.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!(error = %e, "headcount-server stopped");
+            } else {
+                eprintln!("headcount-server: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -68,6 +71,13 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         tracing::info!(addr = %l.local_addr().map_err(|e| e.to_string())?, "serving reads");
         headcount::server::serve::spawn_read_server(l, agg.clone(), auth.clone(), args.transport())
             .map_err(|e| format!("cannot start the read thread: {e}"))?;
+    }
+    if let Some(http) = args.http_listen {
+        let l =
+            std::net::TcpListener::bind(http).map_err(|e| format!("cannot listen on {http} (--http-listen): {e}"))?;
+        let (addr, _) = headcount::server::http::spawn(l, agg.clone(), auth.clone(), args.http())
+            .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
+        tracing::info!(url = %format!("http://{addr}/"), public = args.http_public, "serving the dashboard");
     }
     let addr = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
     if let Some(path) = &args.addr_file {

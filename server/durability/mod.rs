@@ -204,6 +204,7 @@ fn run(mut f: Flusher) {
     let mut last_snapshot = Instant::now();
     let mut after_snapshot = false;
     let mut failures = 0u32;
+    let mut window = Instant::now();
     loop {
         let stopping = d.stop.load(SeqCst);
         if !stopping {
@@ -219,7 +220,9 @@ fn run(mut f: Flusher) {
         if failures > 0 {
             coalesce_curve(&mut extra);
         }
+        let opened = std::mem::replace(&mut window, Instant::now());
         if !registers.is_empty() || !extra.is_empty() {
+            let commit_started = Instant::now();
             buf.clear();
             for (key, reg) in &registers {
                 f.source.encode_register(*key, *reg, &mut buf);
@@ -246,6 +249,8 @@ fn run(mut f: Flusher) {
             if after_snapshot {
                 crash_point("commit-after-snapshot");
             }
+            metrics::histogram!("headcount_journal_commit_seconds").record(commit_started.elapsed());
+            metrics::histogram!("headcount_ack_wait_seconds").record(opened.elapsed());
         }
         for tx in d.durable.iter() {
             tx.send_replace(n);

@@ -171,6 +171,10 @@ impl Table {
                 rows.push(Row { line, values });
             }
         }
+        tracing::info!(
+            file = %path.display(), encoding = decoded.encoding, delimiter = ?(delimiter as char), rows = rows.len(),
+            "registry file read"
+        );
         Ok(Self { path: path.to_path_buf(), encoding: decoded.encoding, delimiter, header_line, rows, present })
     }
 

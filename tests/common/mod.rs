@@ -6,6 +6,8 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod raw;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
@@ -683,4 +685,16 @@ impl Drop for Proxy {
             h.abort();
         }
     }
+}
+
+// ───────────────────────────── HTTP side ─────────────────────────────
+
+/// Starts the HTTP side of `ts`'s aggregator on `127.0.0.1:<ephemeral>`; returns `http://addr`.
+pub fn start_http(ts: &TestServer, public: bool) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral HTTP port on 127.0.0.1");
+    let config = headcount::server::http::HttpConfig { public, ..Default::default() };
+    let (addr, _thread) =
+        headcount::server::http::spawn(listener, ts.server.aggregator.clone(), ts.auth.clone(), config)
+            .expect("start the HTTP thread");
+    format!("http://{addr}")
 }

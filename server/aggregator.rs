@@ -468,6 +468,7 @@ impl Aggregator {
         // Audit first: a snapshot taken before the push must hold it (see `Durability::push`).
         s.audit.record(c.clone());
         if let Some(d) = &s.durability {
+            durability::failpoints::crash_point("correction-before-journal");
             d.push(Record::Correction(c));
         }
     }

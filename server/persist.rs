@@ -176,22 +176,27 @@ impl Source for Aggregator {
         self.shared().registers.take_dirty()
     }
 
-    fn register_record(&self, key: RegisterKey, r: Register) -> Record {
+    fn encode_register(&self, key: RegisterKey, r: Register, out: &mut Vec<u8>) {
         let reg = self.registry();
-        Record::Register(RegisterRecord {
-            site: reg.sites.get(key.site as usize).map(|s| s.id.clone()).unwrap_or_default(),
-            desk: u32::from(key.desk),
-            session: reg.sessions.get(key.session as usize).map_or(0, |s| s.id),
-            seq: r.seq,
-            count: r.count,
-        })
+        let site = reg.sites.get(key.site as usize).map_or("", |s| s.id.as_str());
+        let session = reg.sessions.get(key.session as usize).map_or(0, |s| s.id);
+        Record::encode_register(site, u32::from(key.desk), session, r.seq, r.count, out);
     }
 
     fn snapshot(&self) -> Vec<Record> {
         let s = self.shared();
         let registers = s.registers.snapshot();
         let mut out = Vec::with_capacity(registers.len() + 64);
-        out.extend(registers.into_iter().map(|(k, r)| self.register_record(k, r)));
+        let reg = &s.registry;
+        out.extend(registers.into_iter().map(|(k, r)| {
+            Record::Register(RegisterRecord {
+                site: reg.sites.get(k.site as usize).map(|x| x.id.clone()).unwrap_or_default(),
+                desk: u32::from(k.desk),
+                session: reg.sessions.get(k.session as usize).map_or(0, |x| x.id),
+                seq: r.seq,
+                count: r.count,
+            })
+        }));
         out.extend(s.audit.all().into_iter().map(Record::Correction));
         out.extend(s.curve.all().iter().map(|c| Record::Curve(CurveRecord::from_sample(&s.registry, c))));
         out.extend(s.installs.all().into_iter().map(|(site, i)| {

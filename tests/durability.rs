@@ -445,11 +445,13 @@ async fn interrupted_snapshot_is_ignored_and_corrupt_snapshot_refuses_start() {
     let total = scope_count(&server.url(), ScopeKind::National, "", None).await;
     // Wait for at least one periodic snapshot, then crash "while writing the next one".
     let data = h.data.clone();
-    eventually("a snapshot", || {
+    eventually("two snapshot generations", || {
         let data = data.clone();
         async move {
             std::fs::read_dir(&data)
-                .map(|d| d.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "snap")))
+                .map(|d| {
+                    d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "snap")).count() >= 2
+                })
                 .unwrap_or(false)
         }
     })
@@ -467,6 +469,7 @@ async fn interrupted_snapshot_is_ignored_and_corrupt_snapshot_refuses_start() {
         .collect();
     snaps.sort();
     let snap = snaps.pop().expect("snapshot");
+    assert!(!snaps.is_empty(), "the previous snapshot generation was not kept");
     let mut bytes = std::fs::read(&snap).expect("read snapshot");
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;

@@ -199,6 +199,13 @@ impl Rig {
     /// "Crashes" (every later file operation fails), copies the directory as it is, recovers
     /// the copy with real files, and returns the recovered state of `(desk 1, session index 0)`.
     async fn crash_and_recover(self) -> (u64, i64) {
+        let (agg, state) = self.crash_and_open().await;
+        tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
+        state
+    }
+
+    /// [`Rig::crash_and_recover`], returning the recovered aggregator too (to be closed).
+    async fn crash_and_open(self) -> (Aggregator, (u64, i64)) {
         self.faults.frozen.store(true, SeqCst);
         let copy = self.dir.path().join("copy");
         std::fs::create_dir_all(&copy).unwrap();
@@ -210,9 +217,9 @@ impl Rig {
             Aggregator::open(registry(), test_config(), DurabilityConfig::new(&copy)).expect("recovery of the copy");
         let site = agg.registry().site(SITE).unwrap();
         let reg = agg.shared().registers.get(RegisterKey { site, desk: 1, session: 0 });
-        let closing = [agg, self.agg];
-        tokio::task::spawn_blocking(move || closing.iter().for_each(Aggregator::close)).await.unwrap();
-        (reg.seq, reg.count)
+        let crashed = self.agg;
+        tokio::task::spawn_blocking(move || crashed.close()).await.unwrap();
+        (agg, (reg.seq, reg.count))
     }
 }
 
@@ -328,4 +335,87 @@ async fn a_second_aggregator_on_the_same_directory_is_refused() {
     // The first one is untouched and keeps everything.
     let acked = send_acked(&mut s, 1..6).await;
     assert_eq!(rig.crash_and_recover().await, (acked, acked as i64 * 3));
+}
+
+/// A correction is in the audit trail a snapshot captures: after several snapshots have retired
+/// the journal that held it, a crash and recovery still show it. Then deterministically: a
+/// correction held (failpoint `pause`) between the audit trail and the journal queue while
+/// snapshots retire journals is still recovered, because a snapshot reads the audit trail (a
+/// write path that queued for the journal first and recorded in the audit after would lose it:
+/// the journal holding it deleted, no snapshot holding it). One test: the failpoint is global to
+/// this binary, and no other test here makes corrections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_survives_the_snapshots_that_retire_its_journal() {
+    let rig = Rig::start(Duration::from_millis(20)).await;
+    let mut s = rig.stream().await;
+    s.send_batch(vec![report(1, 1, 30)]).await;
+    let ack = s.send_batch(vec![common::correction(1, 2, 6, "double scan")]).await;
+    assert_eq!(ack.applied[0].count, 6);
+    let data = rig.dir.path().join("data");
+    wait_gone(&data, 1).await;
+    let (agg, state) = rig.crash_and_open().await;
+    assert_eq!(state, (2, 6));
+    assert_audited(&agg, 2, "double scan");
+    tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
+
+    let rig = Rig::start(Duration::from_millis(20)).await;
+    let mut s = rig.stream().await;
+    s.send_batch(vec![report(1, 1, 30)]).await;
+    let first = newest_journal(&rig.dir.path().join("data"));
+    fail::cfg("correction-before-journal", "pause").unwrap();
+    s.send(batch(vec![common::correction(1, 2, 6, "held")])).await;
+    let site = rig.agg.registry().site(SITE).unwrap();
+    let agg = rig.agg.clone();
+    eventually("the correction applied", DEADLINE, || {
+        let seq = agg.shared().registers.get(RegisterKey { site, desk: 1, session: 0 }).seq;
+        async move { if seq == 2 { Ok(()) } else { Err(format!("seq {seq}")) } }
+    })
+    .await;
+    // Journals up to the one current when the correction arrived retire behind snapshots.
+    wait_retired(&rig.dir.path().join("data"), first + 1).await;
+    rig.faults.frozen.store(true, SeqCst);
+    fail::cfg("correction-before-journal", "off").unwrap();
+    let (agg, _) = rig.crash_and_open().await;
+    assert_audited(&agg, 2, "held");
+    tokio::task::spawn_blocking(move || agg.close()).await.unwrap();
+}
+
+fn journals(data: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(data)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("journal-")?.strip_suffix(".log")?.parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+fn newest_journal(data: &Path) -> u64 {
+    journals(data).pop().unwrap()
+}
+
+/// Waits until every journal up to `generation` is deleted (retired behind snapshots).
+async fn wait_retired(data: &Path, generation: u64) {
+    eventually("the journals retired", DEADLINE, || {
+        let left = journals(data);
+        let done = left.first().is_some_and(|&g| g > generation);
+        async move { if done { Ok(()) } else { Err(format!("journals {left:?}")) } }
+    })
+    .await;
+}
+
+async fn wait_gone(data: &Path, generation: u64) {
+    let path = data.join(format!("journal-{generation:010}.log"));
+    eventually("the journal retired", DEADLINE, || {
+        let left = path.exists().then(|| format!("{} still there", path.display()));
+        async move { left.map_or(Ok(()), Err) }
+    })
+    .await;
+}
+
+fn assert_audited(agg: &Aggregator, seq: u64, reason: &str) {
+    let audit = agg.shared().audit.all();
+    assert!(
+        audit.iter().any(|c| c.seq == seq && c.previous_count == 30 && c.count == 6 && c.reason == reason),
+        "correction lost from the audit trail: {audit:?}"
+    );
 }

@@ -2,7 +2,8 @@
 //! inert unless the `FAILPOINTS` environment variable names them when the server starts, e.g.
 //! `FAILPOINTS='journal-after-write=5*off->return'`: the sixth time the flusher passes that
 //! point the process aborts, as if the power went out there. `sleep(ms)` stalls there instead.
-//! A point costs one read-locked map lookup per group commit or snapshot, never per report.
+//! `pause` blocks there until the point is reconfigured (in-process tests, `fail::cfg`). A point
+//! costs one read-locked map lookup per group commit, snapshot or correction, never per report.
 
 /// Every crash point, in the order a group commit and a snapshot pass them.
 pub const POINTS: &[&str] = &[
@@ -20,6 +21,8 @@ pub const POINTS: &[&str] = &[
     "snapshot-mid-write",
     "snapshot-before-rename",
     "snapshot-after-rename",
+    // The write path, between a correction entering the audit trail and its journal queue.
+    "correction-before-journal",
 ];
 
 /// Configures crash points from `FAILPOINTS` (`name=actions` pairs separated by `;`, actions in
@@ -39,8 +42,9 @@ pub fn configure_from_env() -> Result<(), String> {
     Ok(())
 }
 
-/// Aborts the process if the crash point `name` is armed and fires (see the module doc).
-pub(crate) fn crash_point(name: &'static str) {
+/// Aborts the process if the crash point `name` is armed with `return` and fires; sleeps or
+/// pauses there if armed so (see the module doc).
+pub fn crash_point(name: &'static str) {
     if fail::eval(name, |_| ()).is_some() {
         eprintln!("headcount-server: crash point {name} reached; aborting");
         std::process::abort();

@@ -60,8 +60,14 @@ impl Io for RealIo {
     }
     fn rename_new(&self, from: &Path, to: &Path) -> io::Result<()> {
         // A hard link fails if `to` exists, unlike rename(2): a name is never replaced.
-        std::fs::hard_link(from, to)?;
-        std::fs::remove_file(from)
+        match std::fs::hard_link(from, to) {
+            Ok(()) => std::fs::remove_file(from),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+            // A filesystem without hard links: check, then rename (the directory's lock keeps
+            // any other writer out between the two).
+            Err(_) if to.try_exists()? => Err(io::Error::new(io::ErrorKind::AlreadyExists, "target exists")),
+            Err(_) => std::fs::rename(from, to),
+        }
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)

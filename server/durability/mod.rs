@@ -4,8 +4,12 @@
 //! registers changed) it writes the *latest* state of each register changed since the previous
 //! flush — so journal bandwidth is bounded by the number of registers, not the report rate —
 //! plus queued corrections and curve samples, then fsyncs. Streams hold each ack until the flush
-//! covering its batch is durable ("acked means durable"). Periodically, and on shutdown, it
-//! rotates the journal and writes a snapshot, which retires older journals.
+//! covering its batch is durable ("acked means durable"). A failed commit is kept, whole, and
+//! retried with backoff (see [`journal`] for what happens to the file); nothing is published as
+//! durable until it succeeds. Periodically, and on shutdown, it rotates the journal and writes a
+//! snapshot (see [`snapshot`] for what it retires).
+//!
+//! This module knows nothing of the aggregator: the flusher reads the state through [`Source`].
 
 pub mod failpoints;
 pub mod fs;
@@ -14,6 +18,7 @@ pub mod record;
 pub mod recover;
 pub mod snapshot;
 pub mod store;
+
 use std::{
     path::PathBuf,
     sync::{
@@ -136,8 +141,8 @@ impl Durability {
 pub trait Source: Send + Sync + 'static {
     /// Registers changed since the previous call, with their current state.
     fn take_dirty(&self) -> Vec<(RegisterKey, Register)>;
-    /// The record of a register, keyed by ids.
-    fn register_record(&self, key: RegisterKey, reg: Register) -> Record;
+    /// Appends the framed record of a register, keyed by ids (see [`Record::encode_register`]).
+    fn encode_register(&self, key: RegisterKey, reg: Register, out: &mut Vec<u8>);
     /// Everything a snapshot holds: every register, the audit trail, the curve.
     fn snapshot(&self) -> Vec<Record>;
     /// Wakes `thread` when about `records` registers changed.
@@ -212,12 +217,15 @@ fn run(mut f: Flusher) {
         let n = d.started.fetch_add(1, SeqCst) + 1;
         registers.extend(f.source.take_dirty());
         extra.append(&mut d.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if failures > 0 {
+            coalesce_curve(&mut extra);
+        }
         let opened = std::mem::replace(&mut window, Instant::now());
         if !registers.is_empty() || !extra.is_empty() {
             let commit_started = Instant::now();
             buf.clear();
             for (key, reg) in &registers {
-                f.source.register_record(*key, *reg).encode(&mut buf);
+                f.source.encode_register(*key, *reg, &mut buf);
             }
             for rec in &extra {
                 rec.encode(&mut buf);
@@ -263,6 +271,22 @@ fn run(mut f: Flusher) {
     }
 }
 
+/// Keeps only the newest curve sample of each bucket (recovery keeps only that one anyway), so
+/// that what waits for a failing journal stays bounded by buckets, not by sweeps.
+fn coalesce_curve(extra: &mut Vec<Record>) {
+    let mut seen = rustc_hash::FxHashSet::default();
+    let keep: Vec<bool> = extra
+        .iter()
+        .rev()
+        .map(|r| match r {
+            Record::Curve(c) => seen.insert(c.unix_ms),
+            _ => true,
+        })
+        .collect();
+    let mut keep = keep.into_iter().rev();
+    extra.retain(|_| keep.next().unwrap_or(true));
+}
+
 /// Commits a group; on a broken journal first moves to a new one (the group is written whole).
 fn commit(journal: &mut Journal, buf: &[u8]) -> Result<(), store::StoreError> {
     if journal.is_broken() {
@@ -278,4 +302,19 @@ fn snapshot(f: &mut Flusher) -> Result<PathBuf, store::StoreError> {
     f.journal = f.journal.next()?;
     let records = f.source.snapshot();
     write_snapshot(&*f.io, &f.durability.config.dir, f.journal.generation(), records.into_iter())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{coalesce_curve, record::CurveRecord};
+    use crate::{proto::v1::Correction, server::durability::record::Record};
+
+    #[test]
+    fn waiting_curve_samples_keep_the_newest_of_each_bucket_and_every_other_record() {
+        let curve = |unix_ms, n| Record::Curve(CurveRecord { unix_ms, sessions: vec![n], rows: vec![] });
+        let correction = Record::Correction(Correction { seq: 9, ..Correction::default() });
+        let mut extra = vec![curve(0, 1), correction.clone(), curve(0, 2), curve(60, 3), curve(60, 4), curve(120, 5)];
+        coalesce_curve(&mut extra);
+        assert_eq!(extra, vec![correction, curve(0, 2), curve(60, 4), curve(120, 5)]);
+    }
 }

@@ -22,7 +22,7 @@ use rustc_hash::FxHashMap;
 
 use super::{
     record::{CurveRecord, HEADER_LEN, Header, InstallRecord, Reader, Record, Stop},
-    store::{JOURNAL_MAGIC, SNAPSHOT_MAGIC, StoreError, io, list},
+    store::{JOURNAL_MAGIC, SNAPSHOT_MAGIC, StoreError, check_format, io, list},
 };
 use crate::{proto::v1::Correction, server::registers::Register};
 
@@ -93,6 +93,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, StoreError> {
     let mut seen = HashSet::new();
     let mut base = 0;
     let mut after = "the start".to_owned();
+    for (_, path) in snapshots.last().into_iter().chain(&journals) {
+        check_format(path)?;
+    }
     if let Some((g, path)) = snapshots.last() {
         load_snapshot(path, &mut out, &mut seen)?;
         base = *g;

@@ -83,6 +83,16 @@ pub enum StoreError {
         /// What precedes it (a snapshot or journal file name).
         after: String,
     },
+    /// A file of an earlier data format.
+    #[error(
+        "{path} was written by an earlier headcount-server (data format 1); this build reads format 2. Finish the \
+         event with the version that wrote it, or start this one with an empty --data-dir (every site resends its \
+         state)"
+    )]
+    OldFormat {
+        /// The file.
+        path: PathBuf,
+    },
     /// A record of a kind this build does not know.
     #[error(
         "{path} holds a record of kind {tag} that this build does not know (written by a newer headcount-server?). \
@@ -156,4 +166,14 @@ pub(crate) fn journal_path(dir: &Path, generation: u64) -> PathBuf {
 /// Path of a snapshot.
 pub(crate) fn snapshot_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("snapshot-{generation:010}.snap"))
+}
+
+/// Refuses a file of the earlier data format by name (its magic ends in `1`).
+pub(crate) fn check_format(path: &Path) -> Result<(), StoreError> {
+    let mut magic = [0u8; 8];
+    let n = std::io::Read::read(&mut File::open(path).map_err(io(path))?, &mut magic).map_err(io(path))?;
+    if n == 8 && (&magic == b"HCJOURN1" || &magic == b"HCSNAPS1") {
+        return Err(StoreError::OldFormat { path: path.to_path_buf() });
+    }
+    Ok(())
 }

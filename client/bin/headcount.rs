@@ -8,7 +8,7 @@ use headcount::{
     client::{
         Reporter, ReporterConfig,
         bench::{self, BenchArgs},
-        connect::lazy_channel,
+        connect::{ConnectOptions, lazy_channel_with},
         dashboard::parse_scope,
         queries,
         reporter::state::FileStore,
@@ -70,6 +70,8 @@ struct SiteArgs {
     /// Aggregator URL.
     #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ConnectOptions,
     /// This site's id.
     #[arg(long, env = "HEADCOUNT_SITE")]
     site: String,
@@ -110,6 +112,8 @@ struct ReadArgs {
     /// Aggregator URL.
     #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ConnectOptions,
     /// A read token (`headcount token read`).
     #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
     token: String,
@@ -153,6 +157,8 @@ struct CorrectionsArgs {
     /// Aggregator URL.
     #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ConnectOptions,
     /// A read token (`headcount token read`).
     #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
     token: String,
@@ -275,7 +281,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 eprintln!("headcount site: {e}\nFix --state-file (its directory must be writable).");
                 return Ok(ExitCode::FAILURE);
             }
-            let channel = lazy_channel(&args.server)?;
+            let channel = lazy_channel_with(&args.server, &args.tls)?;
             let config =
                 ReporterConfig { agent_install: true, ..ReporterConfig::new(args.site.clone(), args.desk, args.token) };
             let reporter = Reporter::spawn(channel, config, Arc::new(store))?;
@@ -298,7 +304,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Totals(args) => {
             let r = args.read;
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             let output = if args.csv {
                 queries::Output::Csv
             } else if r.json {
@@ -312,23 +318,23 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Silent(args) => {
             let r = args.read;
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             queries::silent(channel, &r.token, parse_scope(&r.scope)?, args.limit, r.json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Curve(r) => {
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             queries::curve(channel, &r.token, parse_scope(&r.scope)?, r.session, r.json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Corrections(args) => {
-            let channel = lazy_channel(&args.server)?;
+            let channel = lazy_channel_with(&args.server, &args.tls)?;
             queries::corrections(channel, &args.token, args.limit, args.json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch(args) => {
             let r = args.read;
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             let opts = headcount::client::watch::WatchOptions {
                 scope: parse_scope(&r.scope)?,
                 session: r.session,

@@ -32,11 +32,13 @@ pub struct HttpConfig {
     pub public: bool,
     /// IANA time zone the page shows times in (the event's, e.g. `Asia/Ho_Chi_Minh`).
     pub time_zone: String,
+    /// TLS (ALPN `h2` and `http/1.1`); None: plain HTTP.
+    pub tls: Option<super::tls::ServerTls>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { public: false, time_zone: "Asia/Ho_Chi_Minh".to_owned() }
+        Self { public: false, time_zone: "Asia/Ho_Chi_Minh".to_owned(), tls: None }
     }
 }
 
@@ -81,6 +83,12 @@ pub fn router(agg: Aggregator, auth: Auth, config: HttpConfig) -> Router {
         .with_state(state)
 }
 
+/// Sets `TCP_NODELAY` on an accepted socket (small SSE frames are not held back by Nagle).
+fn nodelay(s: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
 /// Serves the HTTP side on `listener` from a dedicated thread with its own runtime until the
 /// aggregator shuts down. Returns the bound address and the thread.
 pub fn spawn(
@@ -102,9 +110,27 @@ pub fn spawn(
                 }
             };
             let shutdown = agg.shared().shutdown.clone();
+            let stopped_token = shutdown.clone();
+            let tls = config.tls.clone();
             let app = router(agg, auth, config);
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
-            if let Err(e) = served.await {
+            let stopped = async move { shutdown.cancelled().await };
+            let served = match tls {
+                None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
+                Some(tls) => match tls.acceptor(super::tls::ALPN_HTTP) {
+                    Ok(acceptor) => {
+                        let tcp = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        let incoming = super::tls::accept::Handshakes::start(
+                            tokio_stream::StreamExt::map(tcp, |s| s.and_then(nodelay)),
+                            addr,
+                            acceptor,
+                            stopped_token.clone(),
+                        );
+                        axum::serve(incoming, app).with_graceful_shutdown(stopped).await
+                    }
+                    Err(e) => Err(std::io::Error::other(e)),
+                },
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP listener failed");
             }
         });

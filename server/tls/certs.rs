@@ -85,6 +85,7 @@ pub struct CertStore {
     cert: PathBuf,
     key: PathBuf,
     generation: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -102,13 +103,16 @@ impl CertStore {
             cert: cert.to_owned(),
             key: key.to_owned(),
             generation: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         })
     }
 
     /// Re-reads both files. On success new handshakes get the new certificate (open connections
     /// are untouched); on error the certificate served stays the old one and the error is returned.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let pair = load_pair(&self.cert, &self.key)?;
+        let pair = load_pair(&self.cert, &self.key).inspect_err(|_| {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        })?;
         self.current.store(Arc::new(pair));
         self.generation.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -117,6 +121,11 @@ impl CertStore {
     /// How many times a reload succeeded.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
+    }
+
+    /// How many reloads failed (the previous certificate kept being served).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// The leaf certificate served now (DER).

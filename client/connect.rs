@@ -74,9 +74,19 @@ fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        let text = c.to_string();
+        // Some errors repeat their source in their own message.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cause = c.source();
+    }
+    if out.contains("certificate") {
+        out.push_str(
+            " (the aggregator's certificate is not vouched for: give the CA that issued it with --ca FILE, \
+             and check the URL's host name is in the certificate)",
+        );
     }
     out
 }

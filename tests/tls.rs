@@ -39,11 +39,15 @@ impl Ca {
         Self { pem: cert.pem(), issuer: Issuer::new(params, key) }
     }
 
-    /// (certificate PEM, key PEM) for `names` (DNS names or IP addresses), subject CN `cn`.
+    /// (certificate PEM, key PEM) for `names` (DNS names or IP addresses), subject CN `cn` (none
+    /// when empty).
     fn issue(&self, cn: &str, names: &[&str]) -> (String, String) {
         let mut params =
             CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("leaf params");
-        params.distinguished_name.push(DnType::CommonName, cn);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if !cn.is_empty() {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign the leaf");
         (cert.pem(), key.serialize_pem())
@@ -280,6 +284,20 @@ async fn mtls_a_site_certificate_reports_for_its_own_site_only() {
     assert!(ack.rejections.is_empty(), "{ack:?}");
     let reader = Reader::new(ch.clone(), Some(ts.auth.read_token("tls")));
     assert_eq!(reader.count(common::site(&own), Some(1)).await, 5, "the certificate's site counts");
+
+    // A certificate from the right CA that names no site grants nothing.
+    let (nameless, nameless_key) = sites_ca.issue("", &[]);
+    write(&ts.dir.path().join("nameless.pem"), &nameless);
+    write(&ts.dir.path().join("nameless-key.pem"), &nameless_key);
+    let nameless = ConnectOptions {
+        tls_client_cert: Some(ts.dir.path().join("nameless.pem")),
+        tls_client_key: Some(ts.dir.path().join("nameless-key.pem")),
+        ..opts.clone()
+    };
+    let ch_nameless = tls_channel(&ts.url(), &nameless).await;
+    let refused = open_stream(ch_nameless, None, Some(&own), Some("1")).await.err().expect("no CN, no site");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("CN"), "{refused:?}");
 
     // Without a client certificate, the token rule applies as before.
     let plain = tls_channel(&ts.url(), &trusting(&ts.ca_file(&ca, "ca2.pem"))).await;

@@ -220,11 +220,20 @@ async fn a_renewed_certificate_drops_no_stream_and_serves_new_connections() {
         streams.push(s);
     }
 
-    // Renew: a certificate from another CA (so which one is served is visible to clients).
+    // Renew: a certificate from another CA (so which one is served is visible to clients), the
+    // certificate file first, as renewal tools do: alone it does not go with the old key.
     let (cert, key) = new_ca.issue("aggregator", &["127.0.0.1"]);
-    write(&ts.dir.path().join("key.pem"), &key);
     write(&ts.dir.path().join("cert.pem"), &cert);
     let store = ts.tls.store().clone();
+    eventually("the half-renewed pair is tried and refused", DEADLINE, || {
+        let failures = store.failures();
+        async move { if failures >= 1 { Ok(()) } else { Err(format!("failures {failures}")) } }
+    })
+    .await;
+    assert_eq!(store.generation(), 0, "a certificate without its key is not served");
+    let old = within("connect trusting the old CA", connect::channel_with(&ts.url(), &old_opts)).await;
+    assert!(old.is_ok(), "the old certificate is still served: {:?}", old.err());
+    write(&ts.dir.path().join("key.pem"), &key);
     eventually("the renewed certificate is loaded", DEADLINE, || {
         let generation = store.generation();
         async move { if generation >= 1 { Ok(()) } else { Err(format!("generation {generation}")) } }
@@ -247,7 +256,7 @@ async fn a_renewed_certificate_drops_no_stream_and_serves_new_connections() {
     write(&ts.dir.path().join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n");
     eventually("the broken certificate is tried", DEADLINE, || {
         let failures = store.failures();
-        async move { if failures >= 1 { Ok(()) } else { Err(format!("failures {failures}")) } }
+        async move { if failures >= 2 { Ok(()) } else { Err(format!("failures {failures}")) } }
     })
     .await;
     assert_eq!(store.generation(), 1, "a broken pair is not served");
@@ -315,16 +324,12 @@ async fn mtls_a_site_certificate_reports_for_its_own_site_only() {
         tls_client_key: Some(ts.dir.path().join("bad-key.pem")),
         ..opts.clone()
     };
-    let outcome = match within("connect with an untrusted client cert", connect::channel_with(&ts.url(), &bad)).await {
-        Err(_) => Ok(()),
-        Ok(ch) => open_stream(ch, None, Some(&own), Some("1"))
-            .await
-            .map(|_| ())
-            .map_err(|s| s.code())
-            .err()
-            .map_or(Err("stream opened with an untrusted client certificate".to_owned()), |_| Ok(())),
+    // With TLS 1.3 the client may only learn it from the first request.
+    let opened = match within("connect with an untrusted client cert", connect::channel_with(&ts.url(), &bad)).await {
+        Err(_) => None,
+        Ok(ch) => open_stream(ch, None, Some(&own), Some("1")).await.ok(),
     };
-    outcome.expect("an untrusted client certificate gets nowhere");
+    assert!(opened.is_none(), "an untrusted client certificate gets nowhere");
 }
 
 #[test]

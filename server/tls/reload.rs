@@ -12,12 +12,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::CertStore;
 
-/// What identifies a version of a file without reading it.
-type Stamp = Option<(SystemTime, u64)>;
+/// What identifies a version of a file without reading it: modification time, size and (on
+/// Unix) inode, so a file renamed into place is noticed even within one timestamp tick.
+type Stamp = Option<(SystemTime, u64, u64)>;
 
 fn stamp(path: &Path) -> Stamp {
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.modified().ok()?, meta.len(), inode))
 }
 
 /// Why a reload was attempted (shows in the log).
@@ -48,12 +53,13 @@ fn reload(store: &CertStore, trigger: Trigger) -> bool {
 /// Watches the store's files every `poll` and on SIGHUP until `stop` is cancelled. Call from
 /// inside a tokio runtime.
 pub fn spawn(store: Arc<CertStore>, poll: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let stamps = move |store: &CertStore| {
+        let (c, k) = store.paths();
+        (stamp(c), stamp(k))
+    };
+    // Taken now, not when the task first runs: a change right after start is not missed.
+    let mut seen = stamps(&store);
     tokio::spawn(async move {
-        let stamps = || {
-            let (c, k) = store.paths();
-            (stamp(c), stamp(k))
-        };
-        let mut seen = stamps();
         let mut tick = tokio::time::interval(poll.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         #[cfg(unix)]
@@ -77,11 +83,11 @@ pub fn spawn(store: Arc<CertStore>, poll: Duration, stop: CancellationToken) -> 
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = hangup => {
-                    seen = stamps();
+                    seen = stamps(&store);
                     reload(&store, Trigger::Sighup);
                 }
                 _ = tick.tick() => {
-                    let now = stamps();
+                    let now = stamps(&store);
                     // A file being replaced may be missing for a moment: wait until both exist.
                     if now != seen && now.0.is_some() && now.1.is_some() {
                         // Remembered even when the load fails: a half-renewed pair (new

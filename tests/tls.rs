@@ -362,3 +362,50 @@ fn the_cli_refuses_plain_text_to_a_non_loopback_address_before_connecting() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("http://203.0.113.5:50051") && stderr.contains("--insecure"), "{stderr}");
 }
+
+/// Runs the real `headcount` binary with `stdin`; returns (success, stdout, stderr).
+async fn headcount(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_headcount"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .env_remove("HEADCOUNT_CA")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn headcount");
+    let mut input = child.stdin.take().expect("piped stdin");
+    input.write_all(stdin.as_bytes()).await.expect("write stdin");
+    drop(input);
+    let out = within("headcount command", child.wait_with_output()).await.expect("run headcount");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_totals_command_connects_with_ca_and_refuses_an_unknown_ca() {
+    let ca = Ca::new("test CA");
+    let ts = TlsServer::start(&ca, None).await;
+    let ca_file = ts.ca_file(&ca, "ca.pem");
+    let ca_arg = ca_file.to_str().expect("UTF-8 path");
+    let site = ts.site(5);
+    let ch = tls_channel(&ts.url(), &trusting(&ca_file)).await;
+    let token = ts.auth.site_token(&site);
+    let mut stream = open_stream(ch, Some(&token), Some(&site), Some("1")).await.expect("open a stream");
+    assert!(stream.send_batch(vec![report(1, 1, 3)]).await.rejections.is_empty());
+
+    let (url, read, scope) = (ts.url(), ts.auth.read_token("cli"), format!("site:{site}"));
+    let totals =
+        ["totals", "--server", &url, "--ca", ca_arg, "--token", &read, "--scope", &scope, "--session", "1", "--csv"];
+    let (ok, stdout, stderr) = headcount(&totals, "").await;
+    assert!(ok, "headcount totals over TLS: {stderr}");
+    assert!(stdout.lines().nth(1).is_some_and(|row| row.contains(&site) && row.contains(",3,")), "{stdout}");
+
+    // Without --ca the system roots are used, and they do not know the test CA.
+    let (ok, _, stderr) = headcount(&["totals", "--server", &url, "--token", &read], "").await;
+    assert!(!ok && stderr.contains("certificate"), "a private CA without --ca is refused: {stderr}");
+}

@@ -156,9 +156,10 @@ pub fn endpoint_with(url: &str, opts: &ConnectOptions) -> Result<Endpoint, Conne
             if let (Some(cert), Some(key)) = (&opts.tls_client_cert, &opts.tls_client_key) {
                 tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
+            // The files were read; what fails here is their content (a CA or client pair).
             ep.tls_config(tls).map_err(|e| ConnectError::TlsFile {
                 url: url.to_owned(),
-                path: opts.ca.clone().unwrap_or_default(),
+                path: opts.tls_client_cert.clone().or_else(|| opts.ca.clone()).unwrap_or_default(),
                 reason: chain(&e),
             })
         }

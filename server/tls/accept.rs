@@ -82,11 +82,12 @@ async fn accept_loop(
                 }
                 Ok(Err(e)) => {
                     metrics::counter!("headcount_tls_handshakes_total", "result" => "failed").increment(1);
-                    tracing::info!(%peer, %local, error = %e, "TLS handshake failed");
+                    // Debug: on the public internet scanners fail handshakes all day; the counter shows it.
+                    tracing::debug!(%peer, %local, error = %e, "TLS handshake failed");
                 }
                 Err(_) => {
                     metrics::counter!("headcount_tls_handshakes_total", "result" => "timeout").increment(1);
-                    tracing::info!(%peer, %local, "TLS handshake timed out");
+                    tracing::debug!(%peer, %local, "TLS handshake timed out");
                 }
             }
         });

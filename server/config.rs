@@ -123,6 +123,20 @@ pub struct ServerArgs {
     /// (communes, sites, silent sites, corrections, exports and metrics still need one).
     #[arg(long, env = "HEADCOUNT_HTTP_PUBLIC")]
     pub http_public: bool,
+    /// PEM certificate chain (leaf first) served on every listener (--listen, --read-listen,
+    /// --http-listen): TLS instead of plain text. Re-read when the file changes or on SIGHUP.
+    #[arg(long, env = "HEADCOUNT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HEADCOUNT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that issue site client certificates (mTLS): a stream whose verified
+    /// certificate has CN=<site id> may report for that site without a token. Needs --tls-cert.
+    #[arg(long, env = "HEADCOUNT_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// How often the certificate and key files are checked for a renewal.
+    #[arg(long, env = "HEADCOUNT_TLS_POLL_INTERVAL", default_value = "2s", value_parser = duration)]
+    pub tls_poll_interval: Duration,
     /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
     #[arg(long, env = "HEADCOUNT_LOG_FORMAT", value_enum, default_value_t = crate::logging::LogFormat::Text)]
     pub log_format: crate::logging::LogFormat,
@@ -192,12 +206,31 @@ impl ServerArgs {
             max_message_bytes: self.max_message_bytes,
             grace: self.grace,
             max_concurrent_handshakes: self.max_concurrent_handshakes,
+            tls: None,
         }
+    }
+
+    /// The TLS settings (`--tls-cert`, `--tls-key`, `--client-ca`), None for plain text.
+    pub fn tls_settings(&self) -> Option<super::tls::TlsSettings> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(super::tls::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+                poll: self.tls_poll_interval,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Loads the TLS material the flags name (None without `--tls-cert`); the error names the file.
+    pub fn tls(&self) -> Result<Option<super::tls::ServerTls>, super::tls::TlsError> {
+        self.tls_settings().map(super::tls::ServerTls::load).transpose()
     }
 
     /// The HTTP side's settings.
     pub fn http(&self) -> super::http::HttpConfig {
-        super::http::HttpConfig { public: self.http_public, time_zone: self.time_zone.clone() }
+        super::http::HttpConfig { public: self.http_public, time_zone: self.time_zone.clone(), tls: None }
     }
 
     /// The journal settings, or None with `--in-memory`.

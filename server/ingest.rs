@@ -35,8 +35,12 @@ impl IngestService {
     }
 
     /// Who is this stream? Checks token, site and desk metadata.
-    fn identify(&self, md: &MetadataMap) -> Result<ReporterId, Error> {
-        let grant = self.auth.verify_metadata(md)?;
+    /// `cert_site`: the site a verified client certificate names (mTLS), used instead of a token.
+    fn identify(&self, md: &MetadataMap, cert_site: Option<&str>) -> Result<ReporterId, Error> {
+        let grant = match cert_site {
+            Some(site) => super::tls::identity::grant(site, md)?,
+            None => self.auth.verify_metadata(md)?,
+        };
         let site = md
             .get(SITE_HEADER)
             .ok_or_else(|| Error::InvalidArgument(format!("missing `{SITE_HEADER}` metadata")))?
@@ -64,9 +68,13 @@ impl IngestService {
 impl IngestService {
     /// [`IngestService::identify`], then, for a stream carrying `x-headcount-agent`, the register
     /// slot of that agent install (claimed durably the first time; see `server/installs.rs`) with
-    /// the desk number it declared.
-    async fn identify_agent(&self, md: &MetadataMap) -> Result<(ReporterId, Option<(Claim, u32)>), Error> {
-        let reporter = self.identify(md)?;
+    /// the desk number it declared. `cert_site`: the site a verified client certificate names.
+    async fn identify_agent(
+        &self,
+        md: &MetadataMap,
+        cert_site: Option<&str>,
+    ) -> Result<(ReporterId, Option<(Claim, u32)>), Error> {
+        let reporter = self.identify(md, cert_site)?;
         let Some(v) = md.get(AGENT_HEADER) else { return Ok((reporter, None)) };
         let install = v.to_str().map_err(|_| Error::InvalidArgument(format!("`{AGENT_HEADER}` is not ASCII")))?;
         let site = site_id(&self.agg, reporter).to_owned();
@@ -89,7 +97,12 @@ impl Ingest for IngestService {
                 .insert(crate::proto::metadata::RETRY_AFTER_MS_HEADER, tonic::metadata::MetadataValue::from(1000));
             return Err(status);
         };
-        let (reporter, claim) = self.identify_agent(request.metadata()).await.inspect_err(|e| {
+        let cert_site = super::tls::peer_site(&request);
+        let identified = match &cert_site {
+            Ok(site) => self.identify_agent(request.metadata(), site.as_deref()).await,
+            Err(e) => Err(e.clone()),
+        };
+        let (reporter, claim) = identified.inspect_err(|e| {
             metrics::counter!("headcount_handshakes_refused_total", "code" => format!("{:?}", e.code())).increment(1);
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;

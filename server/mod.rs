@@ -23,6 +23,7 @@ pub mod registers;
 pub mod registry;
 pub mod serve;
 pub mod tally;
+pub mod tls;
 pub mod totals_service;
 pub mod wire_status;
 

@@ -31,6 +31,8 @@ pub struct Transport {
     pub grace: Duration,
     /// Stream openings (authentication + resume) handled at once; beyond it `RESOURCE_EXHAUSTED`.
     pub max_concurrent_handshakes: usize,
+    /// TLS on the gRPC listeners (and the certificate reload task); None: plain text.
+    pub tls: Option<super::tls::ServerTls>,
 }
 
 impl Default for Transport {
@@ -44,6 +46,7 @@ impl Default for Transport {
             max_message_bytes: super::limits::DEFAULT_MAX_MESSAGE,
             grace: Duration::from_secs(10),
             max_concurrent_handshakes: 512,
+            tls: None,
         }
     }
 }
@@ -57,6 +60,12 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS configuration is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] super::tls::TlsError),
+    /// The listener's address cannot be read.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Serves until `shutdown` resolves, then drains for at most `transport.grace`.
@@ -89,12 +98,18 @@ pub async fn serve(
         stopper.shutdown();
         let _ = draining_tx.send(());
     };
-    let server = builder(&transport)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(ingest)
-        .add_service(totals)
-        .serve_with_incoming_shutdown(incoming(listener), signal);
+    let router =
+        builder(&transport).add_service(health_service).add_service(reflection).add_service(ingest).add_service(totals);
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match &transport.tls {
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
+            Some(tls) => {
+                // One reload task for every listener: they share the certificate store.
+                super::tls::reload::spawn(tls.store().clone(), tls.settings().poll, agg.shared().shutdown.clone());
+                let tls_incoming = tls_incoming(listener, tls, &agg)?;
+                Box::pin(router.serve_with_incoming_shutdown(tls_incoming, signal))
+            }
+        };
     let grace = transport.grace;
     let deadline = async move {
         if draining_rx.await.is_ok() {
@@ -159,6 +174,19 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)))
 }
 
+/// TLS connections (ALPN `h2`) over [`incoming`]'s sockets, handshaken off the accept loop.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: &super::tls::ServerTls,
+    agg: &Aggregator,
+) -> Result<impl tokio_stream::Stream<Item = std::io::Result<super::tls::accept::TlsConn>> + Send + 'static, ServeError>
+{
+    let local = listener.local_addr()?;
+    let acceptor = tls.acceptor(super::tls::ALPN_GRPC)?;
+    Ok(super::tls::accept::Handshakes::start(incoming(listener), local, acceptor, agg.shared().shutdown.clone())
+        .into_stream())
+}
+
 /// Serves the read side (Totals, health, reflection) on a second listener from a dedicated thread
 /// with its own runtime, so dashboard queries never wait in the run queue behind thousands of
 /// busy ingest streams. Ends when the aggregator shuts down.
@@ -195,12 +223,21 @@ pub fn spawn_read_server(
                 }
             };
             let shutdown = agg.shared().shutdown.clone();
-            let result = builder(&transport)
+            let router = builder(&transport)
                 .add_service(health_service)
                 .add_service(reflection)
-                .add_service(totals_server(&agg, auth, &transport))
-                .serve_with_incoming_shutdown(incoming(listener), async move { shutdown.cancelled().await })
-                .await;
+                .add_service(totals_server(&agg, auth, &transport));
+            let stopped = async move { shutdown.cancelled().await };
+            let result = match &transport.tls {
+                None => router.serve_with_incoming_shutdown(incoming(listener), stopped).await,
+                Some(tls) => match tls_incoming(listener, tls, &agg) {
+                    Ok(tls_incoming) => router.serve_with_incoming_shutdown(tls_incoming, stopped).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start TLS on the read listener");
+                        return;
+                    }
+                },
+            };
             if let Err(e) = result {
                 tracing::error!(error = %e, "read listener failed");
             }
@@ -214,6 +251,7 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The aggregator behind it.
     pub aggregator: Aggregator,
+    tls: bool,
     stop: Option<oneshot::Sender<()>>,
     join: JoinHandle<Result<(), ServeError>>,
 }
@@ -223,17 +261,18 @@ impl RunningServer {
     pub async fn start(addr: SocketAddr, agg: Aggregator, auth: Auth, transport: Transport) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let tls = transport.tls.is_some();
         let (stop, stopped) = oneshot::channel::<()>();
         let aggregator = agg.clone();
         let join = tokio::spawn(serve(listener, agg, auth, transport, async move {
             let _ = stopped.await;
         }));
-        Ok(Self { addr, aggregator, stop: Some(stop), join })
+        Ok(Self { addr, aggregator, tls, stop: Some(stop), join })
     }
 
-    /// `http://addr` for clients.
+    /// `http://addr` for clients (`https://` with TLS; connect by address with the test CA).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// Shuts down gracefully and waits; re-raises a panic of the server task.

@@ -42,7 +42,7 @@ struct AgentOutcome {
 pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(), BenchError> {
     let server = ServerProcess::start(&ctx.spec(args, "127.0.0.1:0")?, ctx.scratch.path())?;
     let url = server.url();
-    let chans = channels(&url, report.connections)?;
+    let chans = channels(&url, report.connections, &ctx.connect)?;
     let sessions: Vec<u32> = ctx.registry.sessions.iter().map(|s| s.id).collect();
     // The agents check in to the last session, the freshness probe reports on the first.
     let (probe_session, session) = (sessions[0], sessions[sessions.len() - 1]);

@@ -29,7 +29,7 @@ pub(super) async fn idle(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) 
     // Baseline before any connection, so the figure includes connection cost (which matters
     // with one connection per site and is negligible with shared connections).
     let (before, _) = server.memory();
-    let chans = channels(&server.url(), report.connections)?;
+    let chans = channels(&server.url(), report.connections, &ctx.connect)?;
     let refusals = AtomicU64::new(0);
     let (streams, admit) = open_all(ctx, &chans, report.streams, &refusals).await?;
     for s in &streams {
@@ -107,7 +107,8 @@ pub(super) async fn storm(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport)
     let mut server = ServerProcess::start(&spec, ctx.scratch.path())?;
     let url = server.url();
     let refusals = AtomicU64::new(0);
-    let (streams, _) = open_all(ctx, &channels(&url, report.connections)?, report.streams, &refusals).await?;
+    let (streams, _) =
+        open_all(ctx, &channels(&url, report.connections, &ctx.connect)?, report.streams, &refusals).await?;
     let (streams, failed) = report_on_all(streams, 1).await;
     if !failed.is_empty() {
         return Err(fail(ctx, "first report not acknowledged before the kill", report.streams, &failed));
@@ -117,7 +118,7 @@ pub(super) async fn storm(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport)
     let restarted = Instant::now();
     let server = ServerProcess::start(&spec, ctx.scratch.path())?;
     report.startup_seconds = server.startup().as_secs_f64();
-    let chans = channels(&url, report.connections)?;
+    let chans = channels(&url, report.connections, &ctx.connect)?;
     let refusals = AtomicU64::new(0);
     let (streams, _) = open_all(ctx, &chans, report.streams, &refusals).await?;
     // Acked means durable: with the journal, every resume holds the acknowledged (seq 1, 7).

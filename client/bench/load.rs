@@ -24,7 +24,7 @@ use super::{
     streams::{RawStream, channels, open_all, server_stats},
 };
 use crate::{
-    client::connect::endpoint,
+    client::connect::endpoint_with,
     proto::v1::{Report, ReportBatch, ReportRequest, ReportResponse, report_request, report_response},
 };
 
@@ -45,17 +45,17 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     let read_url = if args.separate_reads {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         spec.extra.extend(["--read-listen".to_owned(), format!("127.0.0.1:{port}")]);
-        Some(format!("http://127.0.0.1:{port}"))
+        Some(format!("{}://127.0.0.1:{port}", ctx.scheme()))
     } else {
         None
     };
     let server = ServerProcess::start(&spec, ctx.scratch.path())?;
     let url = server.url();
-    let chans = channels(&url, report.connections)?;
+    let chans = channels(&url, report.connections, &ctx.connect)?;
     let refusals = AtomicU64::new(0);
     let (streams, admit) = open_all(ctx, &chans, report.streams, &refusals).await?;
     report.admit_all_seconds = admit;
-    let query_ch = endpoint(read_url.as_deref().unwrap_or(&url))?
+    let query_ch = endpoint_with(read_url.as_deref().unwrap_or(&url), &ctx.connect)?
         .connect()
         .await
         .map_err(|e| BenchError::Mismatch(format!("cannot connect the stats client: {e}")))?;
@@ -110,9 +110,9 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     // Totals queries and a watch-freshness probe while ingest runs, on their own threads.
     let read_at = read_url.clone().unwrap_or_else(|| url.clone());
     let query = {
-        let (stop, read_at) = (stop.clone(), read_at.clone());
+        let (stop, read_at, opts) = (stop.clone(), read_at.clone(), ctx.connect.clone());
         on_own_thread(move || async move {
-            match endpoint(&read_at) {
+            match endpoint_with(&read_at, &opts) {
                 Ok(ep) => match ep.connect().await {
                     Ok(ch) => query_loop(ch, stop).await,
                     Err(_) => Default::default(),
@@ -125,8 +125,9 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     let probe = {
         let (stop, auth, site, ingest_at) =
             (stop.clone(), ctx.auth.clone(), ctx.registry.sites[0].id.clone(), url.clone());
+        let opts = ctx.connect.clone();
         on_own_thread(move || async move {
-            let (Ok(i), Ok(r)) = (endpoint(&ingest_at), endpoint(&read_at)) else {
+            let (Ok(i), Ok(r)) = (endpoint_with(&ingest_at, &opts), endpoint_with(&read_at, &opts)) else {
                 return (Default::default(), 0);
             };
             freshness_probe(i.connect_lazy(), r.connect_lazy(), auth, site, probe_session, stop).await

@@ -23,6 +23,7 @@ pub mod report;
 mod schedule;
 pub mod sse;
 mod streams;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -68,6 +69,10 @@ pub enum Mode {
     /// Start-up from a snapshot plus a journal of `--records` records; the recovered totals must
     /// equal what was written (fails otherwise).
     Recovery,
+    /// Saturate and idle over plain text, then over TLS (a self-signed certificate generated for
+    /// the run), and a reconnect storm of `--streams` fresh connections each way: throughput
+    /// ratio, memory per idle stream and per connection, handshakes per second.
+    Tls,
     /// Saturate-style ingest without, then with, `--viewers` live-page (SSE) viewers: server
     /// memory per viewer, freshness, and the ingest throughput ratio.
     Sse,
@@ -127,6 +132,11 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Serve and load over TLS: a self-signed certificate is generated into the scratch
+    /// directory, given to the server as --tls-cert/--tls-key and to the load generator as --ca
+    /// (saturate, paced, stress, idle, storm; `bench tls` runs both side by side).
+    #[arg(long)]
+    pub tls: bool,
     /// Concurrent Server-Sent Events viewers (sse).
     #[arg(long, default_value_t = 10_035)]
     pub viewers: u32,
@@ -195,9 +205,18 @@ struct Ctx {
     registry: Registry,
     auth: Auth,
     scratch: tempfile::TempDir,
+    /// How the load generator connects (the CA of the run's certificate with TLS).
+    connect: super::connect::ConnectOptions,
+    /// The server's certificate and key with TLS (given as `--tls-cert`/`--tls-key`).
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Ctx {
+    /// `https` with TLS, else `http`.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn spec(&self, args: &BenchArgs, listen: &str) -> Result<ServerSpec, BenchError> {
         let mut extra = vec!["--max-concurrent-handshakes".to_owned(), args.max_handshakes.to_string()];
         // Counts grow by one per report per register; the production ceiling (100,000 per desk
@@ -206,6 +225,10 @@ impl Ctx {
             extra.extend(["--max-count".to_owned(), "1000000000".to_owned()]);
         }
         extra.extend(args.server_arg.iter().cloned());
+        if let Some((cert, key)) = &self.tls {
+            extra.extend(["--tls-cert".to_owned(), cert.display().to_string()]);
+            extra.extend(["--tls-key".to_owned(), key.display().to_string()]);
+        }
         Ok(ServerSpec {
             binary: sibling_binary()?,
             listen: listen.to_owned(),
@@ -221,11 +244,22 @@ impl Ctx {
 pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     let registry = generate(&GenerateOptions::default());
     preflight::check(args, &registry)?;
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         registry,
         auth: Auth::new(SECRET.as_bytes()).map_err(|e| BenchError::Args(e.to_string()))?,
         scratch: tempfile::Builder::new().prefix("headcount-bench-").tempdir()?,
+        connect: super::connect::ConnectOptions::default(),
+        tls: None,
     };
+    if args.tls {
+        if !matches!(args.mode, Mode::Saturate | Mode::Paced | Mode::Stress | Mode::Idle | Mode::Storm) {
+            return Err(BenchError::Args(format!(
+                "--tls applies to saturate, paced, stress, idle and storm, not {}; `bench tls` compares both",
+                args.mode.name()
+            )));
+        }
+        tls::enable(&mut ctx)?;
+    }
     let mut report = BenchReport {
         mode: args.mode.name(),
         streams: args.streams,
@@ -239,6 +273,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         Mode::Saturate | Mode::Paced | Mode::Stress => load::run(&ctx, args, &mut report).await?,
         Mode::Idle => lifecycle::idle(&ctx, args, &mut report).await?,
         Mode::Storm => lifecycle::storm(&ctx, args, &mut report).await?,
+        Mode::Tls => report.tls = Some(tls::run(&mut ctx, args).await?),
         Mode::Sse => report.sse = Some(sse::run(&ctx, args, args.viewers).await?),
         Mode::Recovery => recovery::run(&ctx, args, &mut report).await?,
     }

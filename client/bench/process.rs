@@ -15,6 +15,8 @@ pub struct ServerProcess {
     /// Data directory (kept across restarts), None in memory.
     pub data_dir: Option<PathBuf>,
     started: Instant,
+    /// `https` when the server was given `--tls-cert`, else `http`.
+    scheme: &'static str,
 }
 
 /// How to start the server.
@@ -64,7 +66,8 @@ impl ServerProcess {
         let started = Instant::now();
         let child = cmd.spawn()?;
         let deadline = started + Duration::from_secs(120);
-        let mut this = Self { child, addr: String::new(), data_dir: spec.data_dir.clone(), started };
+        let scheme = if spec.extra.iter().any(|a| a.starts_with("--tls-cert")) { "https" } else { "http" };
+        let mut this = Self { child, addr: String::new(), data_dir: spec.data_dir.clone(), started, scheme };
         loop {
             if let Ok(a) = std::fs::read_to_string(&addr_file) {
                 this.addr = a.trim().to_owned();
@@ -86,9 +89,9 @@ impl ServerProcess {
         self.started.elapsed()
     }
 
-    /// `http://addr`.
+    /// `http://addr`, or `https://addr` over TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Process id.

@@ -70,6 +70,9 @@ pub struct BenchReport {
     /// The SSE fan-out figures (sse).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sse: Option<super::sse::SseReport>,
+    /// TLS beside plain text (tls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::TlsReport>,
 }
 
 fn latency_line(out: &mut impl std::io::Write, what: &str, l: &Latency) {
@@ -84,6 +87,9 @@ fn latency_line(out: &mut impl std::io::Write, what: &str, l: &Latency) {
 pub fn print(r: &BenchReport, out: &mut impl std::io::Write) {
     if let Some(sse) = &r.sse {
         return super::sse::print(sse, out);
+    }
+    if let Some(tls) = &r.tls {
+        return super::tls::print(tls, out);
     }
     let _ = writeln!(
         out,

@@ -66,7 +66,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, viewers: u32) -> Result<Sse
     let url = server.url();
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
     let streams = args.streams.min(ctx.registry.sites.len() as u32 - 1);
-    let chans = channels(&url, args.connections.max(1))?;
+    let chans = channels(&url, args.connections.max(1), &ctx.connect)?;
     let (mut open_streams, _) = open_all(ctx, &chans, streams, &AtomicU64::new(0)).await?;
     let window = args.window.max(1) as usize;
     let rpb = args.batch_size().max(1) as usize;

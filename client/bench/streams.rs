@@ -13,7 +13,7 @@ use tonic::{Code, Request, transport::Channel};
 
 use super::{BenchError, Ctx, SECRET};
 use crate::{
-    client::connect::{bearer, endpoint},
+    client::connect::{ConnectOptions, bearer, endpoint_with},
     proto::{
         metadata::{DESK_HEADER, SITE_HEADER},
         v1::{
@@ -30,9 +30,9 @@ pub(super) const OPEN_DEADLINE: Duration = Duration::from_secs(120);
 /// How long one stream opening (connect, headers, resume) may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// `n` lazily connected channels to `url`.
-pub(super) fn channels(url: &str, n: u32) -> Result<Vec<Channel>, BenchError> {
-    let ep = endpoint(url)?;
+/// `n` lazily connected channels to `url` (TLS per `opts` for https://).
+pub(super) fn channels(url: &str, n: u32, opts: &ConnectOptions) -> Result<Vec<Channel>, BenchError> {
+    let ep = endpoint_with(url, opts)?;
     Ok((0..n.max(1)).map(|_| ep.connect_lazy()).collect())
 }
 

@@ -8,7 +8,7 @@ use headcount::{
     client::{
         Reporter, ReporterConfig,
         bench::{self, BenchArgs},
-        connect::lazy_channel,
+        connect::{ConnectOptions, lazy_channel_with},
         dashboard::parse_scope,
         queries,
         reporter::state::FileStore,
@@ -70,6 +70,8 @@ struct SiteArgs {
     /// Aggregator URL.
     #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ConnectOptions,
     /// This site's id.
     #[arg(long, env = "HEADCOUNT_SITE")]
     site: String,
@@ -110,6 +112,8 @@ struct ReadArgs {
     /// Aggregator URL.
     #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ConnectOptions,
     /// A read token (`headcount token read`).
     #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
     token: String,
@@ -153,6 +157,8 @@ struct CorrectionsArgs {
     /// Aggregator URL.
     #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ConnectOptions,
     /// A read token (`headcount token read`).
     #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
     token: String,
@@ -303,7 +309,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 eprintln!("headcount site: {e}\nFix --state-file (its directory must be writable).");
                 return Ok(ExitCode::FAILURE);
             }
-            let channel = lazy_channel(&args.server)?;
+            let channel = lazy_channel_with(&args.server, &args.tls)?;
             let site_totals =
                 site::run::SiteTotals { channel: channel.clone(), token: args.token.clone(), site: args.site.clone() };
             let config =
@@ -327,7 +333,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Totals(args) => {
             let r = args.read;
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             let output = if args.csv {
                 queries::Output::Csv
             } else if r.json {
@@ -341,23 +347,23 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Silent(args) => {
             let r = args.read;
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             queries::silent(channel, &r.token, parse_scope(&r.scope)?, args.limit, r.json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Curve(r) => {
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             queries::curve(channel, &r.token, parse_scope(&r.scope)?, r.session, r.json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Corrections(args) => {
-            let channel = lazy_channel(&args.server)?;
+            let channel = lazy_channel_with(&args.server, &args.tls)?;
             queries::corrections(channel, &args.token, args.limit, args.json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch(args) => {
             let r = args.read;
-            let channel = lazy_channel(&r.server)?;
+            let channel = lazy_channel_with(&r.server, &r.tls)?;
             let opts = headcount::client::watch::WatchOptions {
                 scope: parse_scope(&r.scope)?,
                 session: r.session,

@@ -64,20 +64,29 @@ async fn run(args: ServerArgs) -> Result<(), String> {
             Aggregator::new(registry, args.aggregator())
         }
     };
+    let tls = args.tls().map_err(|e| format!("{e} (--tls-cert/--tls-key/--client-ca)"))?;
+    let mut transport = args.transport();
+    transport.tls = tls.clone();
+    let mut http_config = args.http();
+    http_config.tls = tls.clone();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(t) = &tls {
+        tracing::info!(cert = %t.settings().cert.display(), mtls = t.settings().client_ca.is_some(), "TLS on every listener");
+    }
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     if let Some(read) = args.read_listen {
         let l = std::net::TcpListener::bind(read).map_err(|e| format!("cannot listen on {read}: {e}"))?;
         tracing::info!(addr = %l.local_addr().map_err(|e| e.to_string())?, "serving reads");
-        headcount::server::serve::spawn_read_server(l, agg.clone(), auth.clone(), args.transport())
+        headcount::server::serve::spawn_read_server(l, agg.clone(), auth.clone(), transport.clone())
             .map_err(|e| format!("cannot start the read thread: {e}"))?;
     }
     if let Some(http) = args.http_listen {
         let l =
             std::net::TcpListener::bind(http).map_err(|e| format!("cannot listen on {http} (--http-listen): {e}"))?;
-        let (addr, _) = headcount::server::http::spawn(l, agg.clone(), auth.clone(), args.http())
+        let (addr, _) = headcount::server::http::spawn(l, agg.clone(), auth.clone(), http_config)
             .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
-        tracing::info!(url = %format!("http://{addr}/"), public = args.http_public, "serving the dashboard");
+        tracing::info!(url = %format!("{scheme}://{addr}/"), public = args.http_public, "serving the dashboard");
     }
     let addr = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
     if let Some(path) = &args.addr_file {
@@ -88,7 +97,7 @@ async fn run(args: ServerArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     tracing::info!(%addr, "serving");
-    serve(listener, agg, auth, args.transport(), shutdown_signal()).await.map_err(|e| e.to_string())
+    serve(listener, agg, auth, transport, shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGINT or SIGTERM.

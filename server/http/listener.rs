@@ -28,7 +28,7 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -45,38 +45,65 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// Where connections come from: plain TCP, or TLS connections already handshaken (see
+/// `server/tls/accept.rs`).
+pub enum Incoming {
+    /// Plain-text HTTP.
+    Plain(TcpListener),
+    /// HTTPS.
+    Tls(crate::server::tls::accept::Handshakes),
+}
+
 /// Accepts until `shutdown`, then gives open connections [`DRAIN`] to finish.
-pub async fn serve(listener: TcpListener, app: Router, state: HttpState, shutdown: CancellationToken) {
+pub async fn serve(mut incoming: Incoming, app: Router, state: HttpState, shutdown: CancellationToken) {
     let open = Arc::new(AtomicUsize::new(0));
     loop {
-        let sock = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((sock, _)) => sock,
-                Err(e) => {
-                    // Out of descriptors or a reset before accept: keep serving the others.
-                    tracing::warn!(error = %e, "HTTP accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
-        let _ = sock.set_nodelay(true);
-        let (app, state, shutdown, open) = (app.clone(), state.clone(), shutdown.clone(), open.clone());
-        open.fetch_add(1, Relaxed);
-        tokio::spawn(async move {
-            connection(sock, app, state, shutdown).await;
-            open.fetch_sub(1, Relaxed);
-        });
+        let (app, state, stop, open) = (app.clone(), state.clone(), shutdown.clone(), open.clone());
+        match &mut incoming {
+            Incoming::Plain(listener) => {
+                let sock = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((sock, _)) => sock,
+                        Err(e) => {
+                            // Out of descriptors or a reset before accept: keep serving the others.
+                            tracing::warn!(error = %e, "HTTP accept failed");
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
+                    () = shutdown.cancelled() => break,
+                };
+                let _ = sock.set_nodelay(true);
+                open.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    connection(sock, app, state, stop).await;
+                    open.fetch_sub(1, Relaxed);
+                });
+            }
+            Incoming::Tls(handshakes) => {
+                let (sock, _) = tokio::select! {
+                    c = axum::serve::Listener::accept(handshakes) => c,
+                    () = shutdown.cancelled() => break,
+                };
+                open.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    connection(sock, app, state, stop).await;
+                    open.fetch_sub(1, Relaxed);
+                });
+            }
+        }
     }
-    drop(listener);
+    drop(incoming);
     let deadline = tokio::time::Instant::now() + DRAIN;
     while open.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-async fn connection(mut sock: TcpStream, app: Router, state: HttpState, shutdown: CancellationToken) {
+async fn connection<S>(mut sock: S, app: Router, state: HttpState, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut head = Vec::with_capacity(1024);
     let read = tokio::time::timeout(HEAD_TIMEOUT, async {
         let mut chunk = [0u8; 1024];
@@ -132,7 +159,10 @@ fn parse_live(head: &[u8], state: &HttpState) -> Result<usize, HttpError> {
 }
 
 /// Serves one live viewer by hand until it goes away or the aggregator shuts down.
-async fn live(mut sock: TcpStream, head: Vec<u8>, state: HttpState, shutdown: CancellationToken) {
+async fn live<S>(mut sock: S, head: Vec<u8>, state: HttpState, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let topic = parse_live(&head, &state);
     drop(head);
     let topic = match topic {
@@ -153,9 +183,11 @@ async fn live(mut sock: TcpStream, head: Vec<u8>, state: HttpState, shutdown: Ca
     drop(state);
     let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
                   x-accel-buffering: no\r\nconnection: close\r\n\r\n";
-    if sock.write_all(answer.as_bytes()).await.is_err() {
+    if sock.write_all(answer.as_bytes()).await.is_err() || sock.flush().await.is_err() {
         return;
     }
+    let (mut reader, mut writer) = tokio::io::split(sock);
+    let mut probe = [0u8; 16];
     loop {
         tokio::select! {
             changed = rx.changed() => {
@@ -164,32 +196,27 @@ async fn live(mut sock: TcpStream, head: Vec<u8>, state: HttpState, shutdown: Ca
                 }
                 let frame = rx.borrow_and_update().clone();
                 let Some(frame) = frame else { return };
-                if sock.write_all(&frame).await.is_err() {
+                // Flushed: TLS buffers what it writes until flushed.
+                if writer.write_all(&frame).await.is_err() || writer.flush().await.is_err() {
                     return;
                 }
             }
-            // The viewer sends nothing after its request: readable means it closed (or is
-            // misbehaving); either way this connection is done.
-            _ = sock.readable() => {
-                let mut probe = [0u8; 64];
-                match sock.try_read(&mut probe) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    _ => return,
-                }
-            }
+            // The viewer sends nothing after its request: anything read (or the end) means it
+            // closed or is misbehaving; either way this connection is done.
+            _ = reader.read(&mut probe) => return,
             () = shutdown.cancelled() => return,
         }
     }
 }
 
 /// A socket whose first bytes (already read to route the connection) are replayed to hyper.
-struct Replay {
+struct Replay<S> {
     prefix: Vec<u8>,
     pos: usize,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Replay {
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         if this.pos < this.prefix.len() {
@@ -206,7 +233,7 @@ impl AsyncRead for Replay {
     }
 }
 
-impl AsyncWrite for Replay {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }

@@ -33,11 +33,13 @@ pub struct HttpConfig {
     pub public: bool,
     /// IANA time zone the page shows times in (the event's, e.g. `Asia/Ho_Chi_Minh`).
     pub time_zone: String,
+    /// TLS (ALPN `h2` and `http/1.1`); None: plain HTTP.
+    pub tls: Option<super::tls::ServerTls>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { public: false, time_zone: "Asia/Ho_Chi_Minh".to_owned() }
+        Self { public: false, time_zone: "Asia/Ho_Chi_Minh".to_owned(), tls: None }
     }
 }
 
@@ -90,6 +92,12 @@ fn app(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// Sets `TCP_NODELAY` on an accepted socket (small SSE frames are not held back by Nagle).
+fn nodelay(s: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
 /// Serves the HTTP side on `listener` from a dedicated thread with its own runtime until the
 /// aggregator shuts down. Returns the bound address and the thread.
 pub fn spawn(
@@ -111,8 +119,26 @@ pub fn spawn(
                 }
             };
             let shutdown = agg.shared().shutdown.clone();
+            let incoming = match config.tls.clone() {
+                None => listener::Incoming::Plain(listener),
+                Some(tls) => match tls.acceptor(super::tls::ALPN_HTTP) {
+                    Ok(acceptor) => {
+                        let tcp = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        listener::Incoming::Tls(super::tls::accept::Handshakes::start(
+                            tokio_stream::StreamExt::map(tcp, |s| s.and_then(nodelay)),
+                            addr,
+                            acceptor,
+                            shutdown.clone(),
+                        ))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot set up TLS on the HTTP listener");
+                        return;
+                    }
+                },
+            };
             let state = state(agg, auth, config);
-            listener::serve(listener, app(state.clone()), state, shutdown).await;
+            listener::serve(incoming, app(state.clone()), state, shutdown).await;
         });
     })?;
     Ok((addr, thread))

@@ -31,6 +31,9 @@ pub struct Transport {
     pub grace: Duration,
     /// Stream openings (authentication + resume) handled at once; beyond it `RESOURCE_EXHAUSTED`.
     pub max_concurrent_handshakes: usize,
+    /// Deadline of a call until its response starts (unary calls whole; a stream's opening):
+    /// beyond it DEADLINE_EXCEEDED. A shorter `grpc-timeout` from the client wins.
+    pub call_timeout: Duration,
 }
 
 impl Default for Transport {
@@ -44,6 +47,7 @@ impl Default for Transport {
             max_message_bytes: super::limits::DEFAULT_MAX_MESSAGE,
             grace: Duration::from_secs(10),
             max_concurrent_handshakes: 512,
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -143,6 +147,7 @@ fn totals_server(agg: &Aggregator, auth: Auth, transport: &Transport) -> ClientE
 /// The HTTP/2 limits every listener gets (tonic leaves most of them unlimited or off).
 fn builder(transport: &Transport) -> tonic::transport::Server {
     tonic::transport::Server::builder()
+        .timeout(transport.call_timeout)
         .tcp_nodelay(true)
         .max_concurrent_streams(transport.max_streams_per_connection)
         .http2_keepalive_interval(Some(transport.keepalive_interval))

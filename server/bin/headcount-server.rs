@@ -38,7 +38,9 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     args.validate().map_err(|e| e.to_string())?;
     // Crash points for tests; inert unless FAILPOINTS names them.
     headcount::server::durability::failpoints::configure_from_env()?;
-    let auth = Auth::new(args.auth_secret.as_bytes()).map_err(|e| e.to_string())?;
+    let auth = Auth::from_sources(&args.auth_sources()?).map_err(|e| e.to_string())?.with_quotas(args.quotas());
+    auth.spawn_watcher(headcount::server::auth::watch::DEFAULT_PERIOD);
+    tracing::info!(keys = ?auth.key_ids(), revoked_file = ?args.revoked, "credentials loaded");
     let registry = args.registry().map_err(|e| e.to_string())?;
     args.validate_for(&registry).map_err(|e| e.to_string())?;
     tracing::info!(
@@ -88,7 +90,14 @@ async fn run(args: ServerArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     tracing::info!(%addr, "serving");
-    serve(listener, agg, auth, args.transport(), shutdown_signal()).await.map_err(|e| e.to_string())
+    // systemd `Type=notify`: READY once the listeners are bound, STOPPING on the way out; a
+    // no-op without $NOTIFY_SOCKET.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let stop = async {
+        shutdown_signal().await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    };
+    serve(listener, agg, auth, args.transport(), stop).await.map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -186,7 +186,9 @@ pub async fn events(
     headers: HeaderMap,
     Query(p): Query<LiveParams>,
 ) -> Result<Response, HttpError> {
-    access::check(&st, &headers, true)?;
+    // The frames carry national and every province's figures: not for a province token.
+    access::national_only(access::check(&st, &headers, true)?)?;
+    let viewer_slot = access::viewer_slot(&st, &headers)?;
     let session = super::api::Params { session: p.session, ..Default::default() }.session()?;
     let slot = match st.agg.session_index(session)? {
         Some(k) => k + 1,
@@ -197,7 +199,7 @@ pub async fn events(
     inner.viewers.fetch_add(1, Relaxed);
     let viewer = Viewer(inner.clone());
     let frames = WatchStream::new(inner.topics[topic].subscribe()).take_while(Option::is_some).map(move |f| {
-        let _counted = &viewer;
+        let _counted = (&viewer, &viewer_slot);
         Ok::<Bytes, Infallible>(f.unwrap_or_default())
     });
     let mut r = Body::from_stream(frames).into_response();

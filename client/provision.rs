@@ -91,10 +91,11 @@ pub fn run(args: &ProvisionArgs) -> Result<ProvisionReport, String> {
             "config_file",
             "token_file",
             "instructions",
+            "token_id",
         ])
         .map_err(|e| e.to_string())?;
         for site in &registry.sites {
-            let dir = bundle(args, &registry, site, &auth, ca.as_deref())?;
+            let (dir, token_id) = bundle(args, &registry, site, &auth, ca.as_deref())?;
             let province = registry.provinces.get(site.province as usize).map_or("", |p| p.name.as_str());
             let commune = registry.communes.get(site.commune as usize).map_or("", |c| c.name.as_str());
             let show = |f: &str| dir.join(f).display().to_string();
@@ -110,6 +111,7 @@ pub fn run(args: &ProvisionArgs) -> Result<ProvisionReport, String> {
                 &show(CONFIG_FILE),
                 &show(TOKEN_FILE),
                 &show(SHEET_FILE),
+                &token_id,
             ])
             .map_err(|e| e.to_string())?;
         }
@@ -133,10 +135,12 @@ fn bundle(
     site: &Site,
     auth: &crate::server::Auth,
     ca: Option<&[u8]>,
-) -> Result<PathBuf, String> {
+) -> Result<(PathBuf, String), String> {
     let dir = args.out.join(folder_name(&site.id)?);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let token = args.credentials.mint(auth, Grant::Site(site.id.clone()), &site.id)?;
+    // Not secret: list it in the revocation file to cut off this one token.
+    let token_id = auth.check(&token).map_err(|e| e.to_string())?.token_id;
     write_private(&dir.join(TOKEN_FILE), format!("{token}\n").as_bytes())?;
     if let Some(ca) = ca {
         std::fs::write(dir.join(CA_FILE), ca).map_err(io(&dir.join(CA_FILE)))?;
@@ -159,7 +163,7 @@ fn bundle(
     let province = registry.provinces.get(site.province as usize).map_or("", |p| p.name.as_str());
     std::fs::write(dir.join(SHEET_FILE), sheet(site, province, &args.server, args.credentials.expires))
         .map_err(io(&dir.join(SHEET_FILE)))?;
-    Ok(dir)
+    Ok((dir, token_id))
 }
 
 /// Writes a secret readable by its owner only (0600 on Unix).

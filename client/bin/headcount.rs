@@ -290,6 +290,9 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(if report.exact() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Site(args) => {
+            // The agent prints from its tasks (other threads): holding the stdout lock here
+            // would block the first of them forever.
+            drop(stdout);
             let state_file =
                 args.state_file.unwrap_or_else(|| PathBuf::from(format!("headcount-{}-{}.json", args.site, args.desk)));
             let store = FileStore::new(&state_file);
@@ -374,6 +377,12 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     c.mint(&auth, Grant::Read(scope), &label)?
                 }
             };
+            if let Ok(c) = auth.check(&token) {
+                eprintln!(
+                    "token id {} (list it in the revocation file to revoke this token), key {}",
+                    c.token_id, c.key_id
+                );
+            }
             writeln!(stdout, "{token}")?;
             Ok(ExitCode::SUCCESS)
         }

@@ -29,11 +29,12 @@ impl Auth {
         let files: Vec<PathBuf> =
             [&self.inner.keys_file, &self.inner.revoked_file].into_iter().flatten().cloned().collect();
         let weak: Weak<Inner> = std::sync::Arc::downgrade(&self.inner);
+        // Taken now, not when the task first runs: a change made in between is not missed.
+        let mut seen = stamps(&files);
         tokio::spawn(async move {
             if files.is_empty() {
                 return;
             }
-            let mut seen = stamps(&files);
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

@@ -1,0 +1,444 @@
+//! Credentials with a lifecycle, end to end on 127.0.0.1: expiry, key rotation through the key
+//! set file, revocation (new calls refused, running streams closed), province read scopes over
+//! gRPC and HTTP, per-credential limits, and provisioning a site from its bundle alone.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::*;
+use headcount::{
+    proto::metadata::RETRY_AFTER_MS_HEADER,
+    server::{
+        Aggregator, Auth, RunningServer, Transport,
+        auth::{AuthSources, Grant, ReadScope, TokenSpec},
+        quotas::QuotaConfig,
+    },
+};
+use tonic::Code;
+
+/// How often the test servers look at their credential files.
+const WATCH_PERIOD: Duration = Duration::from_millis(50);
+
+struct CredServer {
+    server: RunningServer,
+    auth: Auth,
+    registry: headcount::server::registry::Registry,
+    dir: tempfile::TempDir,
+}
+
+impl CredServer {
+    /// A server whose key set file holds `keys`, with a revocation file (absent at first) and
+    /// these limits.
+    async fn start(keys: &str, quotas: QuotaConfig) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = Self::paths(dir.path());
+        std::fs::write(&s.0, keys).expect("write keys");
+        let sources = AuthSources { secret: None, keys_file: Some(s.0), revoked_file: Some(s.1) };
+        let auth = Auth::from_sources(&sources).expect("key set").with_quotas(quotas);
+        auth.spawn_watcher(WATCH_PERIOD);
+        let registry = small_registry();
+        let agg = Aggregator::new(registry.clone(), test_config());
+        let transport = Transport { grace: Duration::from_millis(500), ..Transport::default() };
+        let server = RunningServer::start("127.0.0.1:0".parse().expect("address"), agg, auth.clone(), transport)
+            .await
+            .expect("bind 127.0.0.1");
+        Self { server, auth, registry, dir }
+    }
+
+    fn paths(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        (dir.join("keys"), dir.join("revoked"))
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.server.addr)
+    }
+
+    /// Replaces a credential file as an operator should: write aside, then rename.
+    fn replace(&self, name: &str, text: &str) {
+        let tmp = self.dir.path().join(format!("{name}.new"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename");
+    }
+
+    fn mint(&self, grant: Grant, expires_in: Duration) -> String {
+        self.auth.mint(&TokenSpec { grant, subject: "test".into(), expires_in }, None).expect("mint")
+    }
+
+    async fn reader(&self, token: &str) -> Reader {
+        Reader::new(channel_to(&self.url()).await, Some(token.to_owned()))
+    }
+}
+
+fn keys(lines: &[(&str, &str)]) -> String {
+    lines.iter().map(|(k, s)| format!("{k} {s}\n")).collect()
+}
+
+const K1: (&str, &str) = ("k1", "first secret of the key set, long enough");
+const K2: (&str, &str) = ("k2", "second secret of the key set, rotated in");
+
+fn site_ids(cs: &CredServer) -> (String, String) {
+    (cs.registry.sites[0].id.clone(), cs.registry.sites[1].id.clone())
+}
+
+#[tokio::test]
+async fn expired_token_is_unauthenticated_saying_it_expired() {
+    let cs = CredServer::start(&keys(&[K1]), QuotaConfig::default()).await;
+    let (a, _) = site_ids(&cs);
+    let expired = cs.mint(Grant::Site(a.clone()), Duration::ZERO);
+    let err = open_stream(cs.server_channel().await, Some(&expired), Some(&a), Some("1")).await.err().expect("refused");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "says it expired: {}", err.message());
+    let read = cs.mint(Grant::Read(ReadScope::National), Duration::ZERO);
+    let err = cs.reader(&read).await.try_totals(national(), None).await.expect_err("refused");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "says it expired: {}", err.message());
+    // A valid token of the same key works.
+    let fine = cs.mint(Grant::Site(a.clone()), Duration::from_secs(60));
+    open_stream(cs.server_channel().await, Some(&fine), Some(&a), Some("1")).await.expect("valid token accepted");
+}
+
+impl CredServer {
+    async fn server_channel(&self) -> tonic::transport::Channel {
+        channel_to(&self.url()).await
+    }
+}
+
+#[tokio::test]
+async fn rotated_key_old_tokens_accepted_until_removed() {
+    let cs = CredServer::start(&keys(&[K1]), QuotaConfig::default()).await;
+    let old = cs.mint(Grant::Read(ReadScope::National), Duration::from_secs(600));
+    // Rotate: k2 joins (and now seals), k1 is still accepted.
+    cs.replace("keys", &keys(&[K1, K2]));
+    eventually("k2 joins the key set", DEADLINE, || async {
+        let ids = cs.auth.key_ids();
+        if ids.last().map(String::as_str) == Some("k2") { Ok(()) } else { Err(format!("keys {ids:?}")) }
+    })
+    .await;
+    let new = cs.mint(Grant::Read(ReadScope::National), Duration::from_secs(600));
+    assert_eq!(cs.auth.check(&new).expect("new token").key_id, "k2", "the newest key seals");
+    cs.reader(&old).await.try_totals(national(), None).await.expect("old-key token still accepted");
+    cs.reader(&new).await.try_totals(national(), None).await.expect("new-key token accepted");
+    // Retire k1: its tokens are refused, k2's still work.
+    cs.replace("keys", &keys(&[K2]));
+    let old_reader = cs.reader(&old).await;
+    let err = eventually("k1 tokens refused", DEADLINE, || async {
+        match old_reader.try_totals(national(), None).await {
+            Err(e) => Ok(e),
+            Ok(_) => Err("still accepted".into()),
+        }
+    })
+    .await;
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("k1"), "names the retired key: {}", err.message());
+    cs.reader(&new).await.try_totals(national(), None).await.expect("k2 token still accepted");
+}
+
+#[tokio::test]
+async fn revoked_site_is_cut_off_and_its_running_stream_closed() {
+    let cs = CredServer::start(&keys(&[K1]), QuotaConfig::default()).await;
+    let (a, b) = site_ids(&cs);
+    let (token_a, token_b) = (cs.auth.site_token(&a), cs.auth.site_token(&b));
+    let mut stream_a = open_stream(cs.server_channel().await, Some(&token_a), Some(&a), Some("1")).await.expect("a");
+    let mut stream_b = open_stream(cs.server_channel().await, Some(&token_b), Some(&b), Some("1")).await.expect("b");
+    assert!(stream_a.send_batch(vec![report(1, 1, 5)]).await.rejections.is_empty());
+    // A read token revoked by its id, in the same file.
+    let read = cs.auth.read_token("lost laptop");
+    let read_id = cs.auth.check(&read).expect("read token").token_id;
+    cs.replace("revoked", &format!("# lost on 30 Nov\n{a}\n{read_id}  # dashboard of the lobby\n"));
+    // The running stream is closed, saying why.
+    let closed = within("revoked stream closes", async {
+        loop {
+            match stream_a.next().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await;
+    let err = closed.expect_err("the stream ends with an error");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("revoked"), "says revoked: {}", err.message());
+    // New streams of the site and calls with the revoked read token are refused.
+    let err = open_stream(cs.server_channel().await, Some(&token_a), Some(&a), Some("1")).await.err().expect("refused");
+    assert!(err.code() == Code::Unauthenticated && err.message().contains("revoked"), "{err:?}");
+    let err = cs.reader(&read).await.try_totals(national(), None).await.expect_err("refused");
+    assert!(err.code() == Code::Unauthenticated && err.message().contains("revoked"), "{err:?}");
+    // Another site is unaffected, on its running stream too.
+    assert!(stream_b.send_batch(vec![report(1, 1, 3)]).await.rejections.is_empty());
+    cs.reader(&cs.auth.read_token("ops")).await.try_totals(national(), None).await.expect("other read token");
+    // Taken off the list: admitted again.
+    cs.replace("revoked", "# empty\n");
+    eventually("site readmitted", DEADLINE, || async {
+        open_stream(cs.server_channel().await, Some(&token_a), Some(&a), Some("1"))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn province_read_token_cannot_read_another_province() {
+    let cs = CredServer::start(&keys(&[K1]), QuotaConfig::default()).await;
+    let (mine, other) = (&cs.registry.provinces[0], &cs.registry.provinces[1]);
+    let my_site = cs.registry.sites.iter().find(|s| s.province == 0).expect("a site in province 0");
+    let their_site = cs.registry.sites.iter().find(|s| s.province == 1).expect("a site in province 1");
+    let token = cs.mint(Grant::Read(ReadScope::Province(mine.code.clone())), Duration::from_secs(600));
+    let r = cs.reader(&token).await;
+    r.try_totals(province(&mine.code), None).await.expect("own province");
+    r.try_totals(site(&my_site.id), None).await.expect("a site of its province");
+    for (what, scope) in
+        [("other province", province(&other.code)), ("nation", national()), ("other site", site(&their_site.id))]
+    {
+        let err = r.try_totals(scope, None).await.expect_err(what);
+        assert_eq!(err.code(), Code::PermissionDenied, "{what}: {err:?}");
+        assert!(err.message().contains(&mine.code), "{what}: names its province: {}", err.message());
+    }
+    assert_eq!(r.watch(province(&other.code), None, false).await.expect_err("watch").code(), Code::PermissionDenied);
+    let mut c = r.client.clone();
+    let err =
+        c.corrections(r.req(headcount::proto::v1::CorrectionsRequest { limit: 10 })).await.expect_err("corrections");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // HTTP: the same rules.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (addr, _) = headcount::server::http::spawn(
+        listener,
+        cs.server.aggregator.clone(),
+        cs.auth.clone(),
+        headcount::server::http::HttpConfig::default(),
+    )
+    .expect("http");
+    let http = reqwest::Client::new();
+    let get = |scope: String| {
+        let req = http.get(format!("http://{addr}/api/totals?scope={scope}")).bearer_auth(&token);
+        async move { within("GET", req.send()).await.expect("GET").status().as_u16() }
+    };
+    assert_eq!(get(format!("province:{}", mine.code)).await, 200);
+    assert_eq!(get(format!("site:{}", my_site.id)).await, 200);
+    assert_eq!(get(format!("province:{}", other.code)).await, 403);
+    assert_eq!(get("national".into()).await, 403);
+    assert_eq!(get(format!("site:{}", their_site.id)).await, 403);
+    let national_token = cs.auth.read_token("national");
+    let status = within(
+        "GET",
+        http.get(format!("http://{addr}/api/totals?scope=province:{}", other.code)).bearer_auth(&national_token).send(),
+    )
+    .await
+    .expect("GET")
+    .status();
+    assert_eq!(status.as_u16(), 200, "a national token reads every province");
+}
+
+#[tokio::test]
+async fn rate_limited_token_gets_resource_exhausted_others_unaffected() {
+    let quotas = QuotaConfig {
+        ingest_per_second: 1,
+        ingest_burst: 3,
+        read_per_second: 1,
+        read_burst: 3,
+        max_watchers_per_token: 1,
+    };
+    let cs = CredServer::start(&keys(&[K1]), quotas).await;
+    // Reads: a burst of 3, then RESOURCE_EXHAUSTED with a retry hint.
+    let (noisy, quiet) = (cs.auth.read_token("noisy"), cs.auth.read_token("quiet"));
+    let r = cs.reader(&noisy).await;
+    let mut refused = None;
+    for _ in 0..50 {
+        if let Err(e) = r.try_totals(national(), None).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let err = refused.expect("the noisy token is limited within 50 calls");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let hint = err.metadata().get(RETRY_AFTER_MS_HEADER).expect("retry hint").to_str().expect("ASCII");
+    assert!(hint.parse::<u64>().expect("milliseconds") > 0, "hint {hint}");
+    cs.reader(&quiet).await.try_totals(national(), None).await.expect("another token is unaffected");
+
+    // Watchers: one per token.
+    let w = cs.reader(&quiet).await;
+    let _first = w.watch(national(), None, false).await.expect("first watcher");
+    let err = w.watch(national(), None, false).await.expect_err("second watcher of the same token");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // Ingest: a site over its batch rate has its stream ended; another site goes on.
+    let (a, b) = site_ids(&cs);
+    let mut sa =
+        open_stream(cs.server_channel().await, Some(&cs.auth.site_token(&a)), Some(&a), Some("1")).await.expect("a");
+    let mut sb =
+        open_stream(cs.server_channel().await, Some(&cs.auth.site_token(&b)), Some(&b), Some("1")).await.expect("b");
+    let mut ended = None;
+    for seq in 1..=50u64 {
+        sa.send(batch(vec![report(1, seq, seq as i64)])).await;
+        match sa.next().await {
+            Ok(Some(_)) => {}
+            other => {
+                ended = Some(other);
+                break;
+            }
+        }
+    }
+    let err = ended.expect("site a limited within 50 batches").expect_err("ends with an error");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.metadata().get(RETRY_AFTER_MS_HEADER).is_some(), "retry hint on ingest");
+    assert!(sb.send_batch(vec![report(1, 1, 2)]).await.rejections.is_empty(), "site b unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioned_bundle_runs_the_agent_from_its_config_alone() {
+    use headcount::client::{credentials::CredentialArgs, provision};
+    let ts = start_small().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (sites, sessions) = (dir.path().join("sites.csv"), dir.path().join("sessions.csv"));
+    headcount::server::registry::csv::write(
+        &ts.registry,
+        std::fs::File::create(&sites).expect("sites"),
+        std::fs::File::create(&sessions).expect("sessions"),
+    )
+    .expect("write registry");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, [SECRET, b"\n"].concat()).expect("secret");
+    let out = dir.path().join("bundles");
+    let args = provision::ProvisionArgs {
+        sites,
+        sessions,
+        time_zone: "Asia/Ho_Chi_Minh".into(),
+        server: ts.url(),
+        ca: None,
+        out: out.clone(),
+        credentials: CredentialArgs {
+            auth_secret: None,
+            auth_secret_file: Some(secret_file),
+            auth_keys: None,
+            key_id: None,
+            expires: Duration::from_secs(3600),
+        },
+    };
+    let report = provision::run(&args).expect("provision");
+    assert_eq!(report.bundles, ts.registry.sites.len());
+    let merge = std::fs::read(&report.mail_merge).expect("mail merge");
+    assert!(merge.starts_with(b"\xEF\xBB\xBF"), "UTF-8 BOM for spreadsheets");
+    let text = String::from_utf8(merge[3..].to_vec()).expect("UTF-8");
+    assert_eq!(text.lines().count(), ts.registry.sites.len() + 1, "a header and a row per site");
+    let site = &ts.registry.sites[2];
+    let bundle = out.join(&site.id);
+    let sheet = std::fs::read_to_string(bundle.join(provision::SHEET_FILE)).expect("sheet");
+    assert!(sheet.contains("HƯỚNG DẪN") && sheet.contains(&site.id), "Vietnamese sheet naming the site");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(bundle.join(provision::TOKEN_FILE)).expect("token").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "token readable by its owner only");
+    }
+    // The agent runs from the bundle's config alone: the file's settings, as the site command
+    // gets them (`--session` from the command line: the test registry has no current session).
+    let config = bundle.join(provision::CONFIG_FILE);
+    let args = headcount::client::site_config::expand(
+        ["headcount", "site", "--config", config.to_str().expect("UTF-8 path"), "--session", "1"]
+            .map(Into::into)
+            .to_vec(),
+        |_| true,
+    )
+    .expect("config file");
+    let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let flag = |name: &str| {
+        let at = args.iter().position(|a| *a == format!("--{name}")).unwrap_or_else(|| panic!("--{name} in {args:?}"));
+        args[at + 1].clone()
+    };
+    assert_eq!(flag("server"), ts.url());
+    assert_eq!(flag("session"), "1", "the command line's flag is kept");
+    let state_file = std::path::PathBuf::from(flag("state-file"));
+    let store = headcount::client::reporter::state::FileStore::new(&state_file);
+    store.prepare().expect("state directory");
+    let reporter_config = headcount::client::ReporterConfig {
+        agent_install: true,
+        ..headcount::client::ReporterConfig::new(flag("site"), flag("desk").parse().expect("desk"), flag("token"))
+    };
+    let channel = headcount::client::connect::lazy_channel(&flag("server")).expect("channel");
+    let reporter =
+        headcount::client::Reporter::spawn(channel, reporter_config, std::sync::Arc::new(store)).expect("reporter");
+    let agent = std::sync::Arc::new(headcount::client::site::Agent::new(reporter, Some(1)));
+    let options = headcount::client::site::run::RunOptions {
+        stdin_mode: headcount::client::site::Mode::Badge,
+        follow: Vec::new(),
+        poll: Duration::from_millis(20),
+        http: None,
+        start_timeout: DEADLINE,
+        flush_timeout: DEADLINE,
+    };
+    let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let lines = screen.clone();
+    let out: headcount::client::site::run::Out =
+        std::sync::Arc::new(move |l| lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(l));
+    let stdin = std::io::Cursor::new(b"BADGE-1\nBADGE-2\nBADGE-3\nBADGE-2\n".to_vec());
+    let status = within(
+        "agent run",
+        headcount::client::site::run::run(agent, stdin, options, out, Box::pin(std::future::pending())),
+    )
+    .await;
+    let says = screen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).join("\n");
+    assert_eq!(status, headcount::client::site::ExitStatus::Acknowledged, "{says}");
+    let reader = ts.reader().await;
+    let id = site.id.clone();
+    eventually("the bundle's check-ins count", DEADLINE, || async {
+        match reader.count(common::site(&id), Some(1)).await {
+            3 => Ok(()),
+            n => Err(format!("count {n}")),
+        }
+    })
+    .await;
+    assert!(state_file.starts_with(&bundle) && state_file.exists(), "state file where the config says: {state_file:?}");
+
+    // The real binary, from another site's bundle: `headcount site --config site.toml`.
+    let other = &ts.registry.sites[3];
+    let input = dir.path().join("badges.txt");
+    std::fs::write(&input, "NGUYEN-1\nTRAN-2\n").expect("badges");
+    let log = dir.path().join("agent.log");
+    let log_file = std::fs::File::create(&log).expect("log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_headcount"))
+        .args(["site", "--config"])
+        .arg(report.mail_merge.with_file_name(&other.id).join(provision::CONFIG_FILE))
+        .args(["--session", "1"])
+        .stdin(std::fs::File::open(&input).expect("badges"))
+        .stdout(log_file.try_clone().expect("log"))
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the agent");
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await;
+    let says = std::fs::read_to_string(&log).unwrap_or_default();
+    let status = status.unwrap_or_else(|_| panic!("agent did not end within {DEADLINE:?}: {says}")).expect("wait");
+    assert!(status.success(), "agent exit {status:?}: {says}");
+    assert_eq!(reader.count(common::site(&other.id), Some(1)).await, 2, "{says}");
+}
+
+#[test]
+fn config_file_fills_flags_and_the_command_line_wins() {
+    use headcount::client::site_config::expand;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("token"), "TOKEN-FROM-FILE\n").expect("token");
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        "server = \"http://127.0.0.1:1\"\nsite = \"S1\"\ndesk = 2\ntoken_file = \"token\"\nca = \"ca.pem\"\n",
+    )
+    .expect("config");
+    let args: Vec<std::ffi::OsString> =
+        ["headcount", "site", "--desk", "3", "--config", config.to_str().expect("utf-8")].map(Into::into).to_vec();
+    let out = expand(args, |flag| flag != "ca").expect("expand");
+    let out: Vec<String> = out.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let value = |flag: &str| out.iter().position(|a| a == flag).map(|i| out[i + 1].clone());
+    assert_eq!(value("--server").as_deref(), Some("http://127.0.0.1:1"));
+    assert_eq!(value("--token").as_deref(), Some("TOKEN-FROM-FILE"), "token read from its file");
+    assert_eq!(out.iter().filter(|a| *a == "--desk").count(), 1, "the command line's --desk wins: {out:?}");
+    assert_eq!(value("--desk").as_deref(), Some("3"));
+    assert!(!out.iter().any(|a| a == "--ca"), "flags the build lacks are left out");
+    // Unknown keys are refused with the file's name.
+    std::fs::write(&config, "sever = \"typo\"\n").expect("config");
+    let err =
+        expand(["headcount", "site", "--config", config.to_str().expect("utf-8")].map(Into::into).to_vec(), |_| true)
+            .expect_err("typo refused");
+    assert!(err.to_string().contains("site.toml"), "{err}");
+}

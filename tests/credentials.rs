@@ -240,6 +240,7 @@ async fn rate_limited_token_gets_resource_exhausted_others_unaffected() {
         read_burst: 3,
         max_watchers_per_token: 1,
     };
+    let metrics = headcount::server::http::metrics::install().expect("metrics recorder");
     let cs = CredServer::start(&keys(&[K1]), quotas).await;
     // Reads: a burst of 3, then RESOURCE_EXHAUSTED with a retry hint.
     let (noisy, quiet) = (cs.auth.read_token("noisy"), cs.auth.read_token("quiet"));
@@ -284,6 +285,12 @@ async fn rate_limited_token_gets_resource_exhausted_others_unaffected() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.metadata().get(RETRY_AFTER_MS_HEADER).is_some(), "retry hint on ingest");
     assert!(sb.send_batch(vec![report(1, 1, 2)]).await.rejections.is_empty(), "site b unaffected");
+    // Every refusal is counted in /metrics, by kind.
+    let text = metrics.render();
+    for kind in ["read", "watchers", "ingest"] {
+        let line = format!("headcount_quota_refused_total{{kind=\"{kind}\"}}");
+        assert!(text.lines().any(|l| l.starts_with(&line)), "{line} in /metrics:\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,3 +101,42 @@ fn containerfile_builds_in_one_stage_and_runs_in_a_slim_one() {
     assert!(text.lines().any(|l| l.starts_with("USER ") && !l.contains("root")), "not root");
     assert!(text.contains("VOLUME [\"/var/lib/headcount\"]"), "the data directory is a volume");
 }
+
+/// `Type=notify`: the aggregator says READY=1 once serving and STOPPING=1 on SIGTERM, through
+/// the socket systemd names in `$NOTIFY_SOCKET` (here one the test listens on).
+#[cfg(unix)]
+#[tokio::test]
+async fn aggregator_notifies_systemd_ready_then_stopping() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    std::fs::write(dir.path().join("secret"), "a deployment test secret, long enough\n").expect("secret");
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_headcount-server"))
+        .args(["--listen", "127.0.0.1:0", "--reference-registry", "--in-memory", "--grace", "1s"])
+        .arg("--auth-secret-file")
+        .arg(dir.path().join("secret"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("HEADCOUNT_AUTH_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start headcount-server");
+    let deadline = Duration::from_secs(30);
+    let mut buf = vec![0u8; 4096];
+    let mut next = async || {
+        let n =
+            tokio::time::timeout(deadline, socket.recv(&mut buf)).await.expect("a notification in time").expect("recv");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next().await;
+    assert!(ready.lines().any(|l| l == "READY=1"), "first notification: {ready:?}");
+    let pid = server.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(killed.success());
+    let stopping = next().await;
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "on SIGTERM: {stopping:?}");
+    let status = tokio::time::timeout(deadline, server.wait()).await.expect("exits in time").expect("wait");
+    assert!(status.success(), "clean exit after the drain: {status:?}");
+}

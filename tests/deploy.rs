@@ -112,22 +112,45 @@ async fn aggregator_notifies_systemd_ready_then_stopping() {
     let socket_path = dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("notify socket");
     std::fs::write(dir.path().join("secret"), "a deployment test secret, long enough\n").expect("secret");
+    let registry =
+        headcount::server::registry::generate::generate(&headcount::server::registry::generate::GenerateOptions {
+            sites: 20,
+            ..Default::default()
+        });
+    let (sites, sessions) = (dir.path().join("sites.csv"), dir.path().join("sessions.csv"));
+    headcount::server::registry::csv::write(
+        &registry,
+        std::fs::File::create(&sites).expect("sites"),
+        std::fs::File::create(&sessions).expect("sessions"),
+    )
+    .expect("registry files");
+    let log = dir.path().join("server.log");
+    let log_file = std::fs::File::create(&log).expect("log");
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_headcount-server"))
-        .args(["--listen", "127.0.0.1:0", "--reference-registry", "--in-memory", "--grace", "1s"])
+        .args(["--listen", "127.0.0.1:0", "--in-memory", "--grace", "1s"])
+        .arg("--sites")
+        .arg(&sites)
+        .arg("--sessions")
+        .arg(&sessions)
         .arg("--auth-secret-file")
         .arg(dir.path().join("secret"))
         .env("NOTIFY_SOCKET", &socket_path)
         .env_remove("HEADCOUNT_AUTH_SECRET")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log_file)
         .kill_on_drop(true)
         .spawn()
         .expect("start headcount-server");
     let deadline = Duration::from_secs(30);
     let mut buf = vec![0u8; 4096];
     let mut next = async || {
-        let n =
-            tokio::time::timeout(deadline, socket.recv(&mut buf)).await.expect("a notification in time").expect("recv");
+        let Ok(got) = tokio::time::timeout(deadline, socket.recv(&mut buf)).await else {
+            panic!(
+                "no notification within {deadline:?}; server log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        };
+        let n = got.expect("recv");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let ready = next().await;

@@ -92,33 +92,41 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     tracing::info!(%addr, "serving");
     // systemd `Type=notify`: READY once the listeners are bound, STOPPING on the way out; a
     // no-op without $NOTIFY_SOCKET.
+    let signalled = shutdown_signal();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let stop = async {
-        shutdown_signal().await;
+        signalled.await;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
     serve(listener, agg, auth, args.transport(), stop).await.map_err(|e| e.to_string())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled: a SIGTERM right after READY (systemd) is a drain, not a kill.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

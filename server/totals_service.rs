@@ -121,9 +121,15 @@ impl Totals for TotalsService {
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let tick = self.agg.shared().config.publish_tick;
         let agg = self.agg.clone();
+        let revoked = self.auth.revoked_signal(credential);
         tokio::spawn(async move {
             let _slot = slot;
-            publish(agg, node, session, children, tick, tx).await;
+            let closed = tx.clone();
+            // A token revoked while watching: the watch ends, saying so.
+            tokio::select! {
+                () = publish(agg, node, session, children, tick, tx) => {}
+                why = revoked => drop(closed.send(Err(Status::unauthenticated(why))).await),
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

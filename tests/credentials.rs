@@ -145,6 +145,7 @@ async fn revoked_site_is_cut_off_and_its_running_stream_closed() {
     // A read token revoked by its id, in the same file.
     let read = cs.auth.read_token("lost laptop");
     let read_id = cs.auth.check(&read).expect("read token").token_id;
+    let mut watch = cs.reader(&read).await.watch(national(), None, false).await.expect("watch before revocation");
     cs.replace("revoked", &format!("# lost on 30 Nov\n{a}\n{read_id}  # dashboard of the lobby\n"));
     // The running stream is closed, saying why.
     let closed = within("revoked stream closes", async {
@@ -159,6 +160,18 @@ async fn revoked_site_is_cut_off_and_its_running_stream_closed() {
     let err = closed.expect_err("the stream ends with an error");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("revoked"), "says revoked: {}", err.message());
+    // The revoked read token's running watch ends too.
+    let ended = within("revoked watch ends", async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await;
+    let err = ended.expect_err("the watch ends with an error");
+    assert!(err.code() == Code::Unauthenticated && err.message().contains("revoked"), "{err:?}");
     // New streams of the site and calls with the revoked read token are refused.
     let err = open_stream(cs.server_channel().await, Some(&token_a), Some(&a), Some("1")).await.err().expect("refused");
     assert!(err.code() == Code::Unauthenticated && err.message().contains("revoked"), "{err:?}");
@@ -229,6 +242,13 @@ async fn province_read_token_cannot_read_another_province() {
     .expect("GET")
     .status();
     assert_eq!(status.as_u16(), 200, "a national token reads every province");
+    // An expired token over HTTP: 401 saying so.
+    let expired = cs.mint(Grant::Read(ReadScope::National), Duration::ZERO);
+    let r =
+        within("GET", http.get(format!("http://{addr}/api/totals")).bearer_auth(&expired).send()).await.expect("GET");
+    assert_eq!(r.status().as_u16(), 401);
+    let body = within("body", r.text()).await.expect("body");
+    assert!(body.contains("expired"), "says it expired: {body}");
 }
 
 #[tokio::test]

@@ -46,10 +46,13 @@ pub fn token_of(headers: &HeaderMap) -> Option<&str> {
 /// Checks the request's token. Without a valid one: `Public` in lobby mode if the caller allows
 /// it (`public_ok`), else 401.
 pub fn check(state: &HttpState, headers: &HeaderMap, public_ok: bool) -> Result<Access, HttpError> {
-    match token_of(headers) {
-        Some(token) if state.auth.verify(token).is_ok() => granted(state, token),
+    match token_of(headers).map(|token| state.auth.check(token)) {
+        Some(Ok(credential)) => granted(state, &credential),
         _ if public_ok && state.config.public => Ok(Access::Public),
-        Some(_) => Err(HttpError::unauthorized("invalid token: log in again at /login or send a valid bearer token")),
+        // Says why (invalid, expired, rotated out, revoked).
+        Some(Err(e)) => {
+            Err(HttpError::unauthorized(format!("{e}; log in again at /login or send a valid bearer token")))
+        }
         None => Err(HttpError::unauthorized(
             "a read token is needed: log in at /login or send `Authorization: Bearer <token>` (mint one with `headcount token read`)",
         )),
@@ -57,8 +60,7 @@ pub fn check(state: &HttpState, headers: &HeaderMap, public_ok: bool) -> Result<
 }
 
 /// A valid token's access, after its read rate (429 with the wait beyond `--read-rate`).
-fn granted(state: &HttpState, token: &str) -> Result<Access, HttpError> {
-    let credential = state.auth.check(token)?;
+fn granted(state: &HttpState, credential: &crate::server::auth::Credential) -> Result<Access, HttpError> {
     if let Err(e) = state.auth.quotas().read(&credential.token_id) {
         return Err(HttpError { status: StatusCode::TOO_MANY_REQUESTS, message: e.status().message().to_owned() });
     }

@@ -48,3 +48,31 @@ pub fn read(path: &Path, what: &str) -> Result<String, Error> {
     std::fs::read_to_string(path)
         .map_err(|e| Error::InvalidArgument(format!("cannot read the {what} {}: {e}", path.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_lines_comments_and_errors() {
+        let p = Path::new("keys");
+        let keys =
+            parse_keys(p, "# rotated in March\nk1 0123456789abcdef0123\n\nk2 another secret of 16+ bytes # new\n")
+                .expect("two keys");
+        assert_eq!(keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["k1", "k2"], "in order: the last signs");
+        let err = |text: &str| parse_keys(p, text).expect_err(text).to_string();
+        assert!(err("k1\n").contains("keys:1"), "names file and line");
+        assert!(err("k1 short\n").contains("at least 16 bytes"));
+        assert!(err("k1 0123456789abcdef0123\nk1 0123456789abcdef0124\n").contains("twice"));
+        assert!(err("# nothing\n").contains("no key"));
+        assert!(err("k/1 0123456789abcdef0123\n").contains("key id"));
+    }
+
+    #[test]
+    fn revocation_file_ignores_comments_and_blanks() {
+        let set = parse_revoked("# lost laptops\nS00042\n  S00043  # stolen\n\n0123abcd\n");
+        let mut ids: Vec<&str> = set.iter().map(String::as_str).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["0123abcd", "S00042", "S00043"]);
+    }
+}

@@ -174,3 +174,56 @@ pub fn open(key: &Key, token: &UntrustedToken<Local, V4>) -> Result<Credential, 
         subject: text("sub").unwrap_or_default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str, secret: &str) -> Key {
+        Key::derive(id, secret.as_bytes()).expect("key")
+    }
+
+    #[test]
+    fn sealed_claims_round_trip() {
+        let k = key("k1", "a secret long enough for a key");
+        for grant in [
+            Grant::Site("S00042".into()),
+            Grant::Read(ReadScope::National),
+            Grant::Read(ReadScope::Province("01".into())),
+        ] {
+            let spec = TokenSpec { grant: grant.clone(), subject: "who".into(), expires_in: Duration::from_secs(60) };
+            let token = seal(&k, &spec).expect("seal");
+            assert!(token.starts_with(HEADER));
+            let (untrusted, kid) = key_id(&token).expect("key id");
+            assert_eq!(kid, "k1");
+            let c = open(&k, &untrusted).expect("open");
+            assert_eq!((c.grant, c.subject.as_str(), c.key_id.as_str()), (grant, "who", "k1"));
+            assert_eq!(c.token_id.len(), 32, "128-bit token id in hex");
+        }
+    }
+
+    #[test]
+    fn forged_tampered_expired_and_foreign_tokens_are_unauthenticated() {
+        let k = key("k1", "a secret long enough for a key");
+        let spec =
+            TokenSpec { grant: Grant::Site("S1".into()), subject: "S1".into(), expires_in: Duration::from_secs(60) };
+        let token = seal(&k, &spec).expect("seal");
+        // Same key id, another secret: forged.
+        let other = key("k1", "another secret, just as long");
+        let (untrusted, _) = key_id(&token).expect("key id");
+        assert!(matches!(open(&other, &untrusted), Err(Error::Unauthenticated(m)) if m.contains("not sealed by")));
+        // A flipped character in the body.
+        let mut bytes = token.into_bytes();
+        let at = HEADER.len() + 10;
+        bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(bytes).expect("ASCII");
+        let refused = key_id(&tampered).and_then(|(u, _)| open(&k, &u));
+        assert!(matches!(refused, Err(Error::Unauthenticated(_))), "{refused:?}");
+        // Expired.
+        let expired = seal(&k, &TokenSpec { expires_in: Duration::ZERO, ..spec }).expect("seal");
+        let (u, _) = key_id(&expired).expect("key id");
+        assert!(matches!(open(&k, &u), Err(Error::Unauthenticated(m)) if m.contains("expired")));
+        // The old `hc1.` format.
+        assert!(matches!(key_id("hc1.site.S1.abcd"), Err(Error::Unauthenticated(m)) if m.contains("v4.local")));
+    }
+}

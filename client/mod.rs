@@ -3,14 +3,17 @@
 
 pub mod bench;
 pub mod connect;
+pub mod credentials;
 pub mod desk;
 pub mod limits;
 pub mod reporter;
 
 pub use reporter::{Reporter, ReporterConfig, ReporterError, ReporterStatus};
 pub mod dashboard;
+pub mod provision;
 pub mod queries;
 pub mod simulate;
 pub mod simulate_badges;
 pub mod site;
+pub mod site_config;
 pub mod watch;

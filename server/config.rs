@@ -47,9 +47,45 @@ pub struct ServerArgs {
     /// Seed of the built-in reference registry (with --reference-registry).
     #[arg(long, env = "HEADCOUNT_SEED", default_value_t = DEFAULT_SEED)]
     pub seed: u64,
-    /// Secret that signs site and read tokens (at least 16 bytes). Mint tokens with `headcount token`.
+    /// Secret that seals site and read tokens (at least 16 bytes; key id `default`). Prefer
+    /// --auth-secret-file or --auth-keys: a command line is visible to every local user.
     #[arg(long, env = "HEADCOUNT_AUTH_SECRET", hide_env_values = true)]
-    pub auth_secret: String,
+    pub auth_secret: Option<String>,
+    /// File holding the token secret (trailing newline ignored). Default: the systemd credential
+    /// `auth-secret` in $CREDENTIALS_DIRECTORY (`LoadCredential=`), if there.
+    #[arg(long, env = "HEADCOUNT_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Key set file: `KEY_ID SECRET` per line, `#` comments; every key is accepted, the last one
+    /// seals new tokens. Re-read every second while running (rotate a key without a restart).
+    /// Default: the systemd credential `auth-keys`, if there.
+    #[arg(long, env = "HEADCOUNT_AUTH_KEYS")]
+    pub auth_keys: Option<PathBuf>,
+    /// Revocation file: site ids or token ids, one per line, `#` comments. Re-read every second:
+    /// what it lists is refused, and its running streams are closed (UNAUTHENTICATED, "revoked").
+    #[arg(long, env = "HEADCOUNT_REVOKED")]
+    pub revoked: Option<PathBuf>,
+    /// Ingest batches per second one site may send (all its streams together); beyond it the
+    /// stream ends with RESOURCE_EXHAUSTED and `retry-after-ms`. 0: no limit.
+    #[arg(long, env = "HEADCOUNT_INGEST_RATE", default_value_t = 0)]
+    pub ingest_rate: u32,
+    /// Ingest batches a site may send at once above --ingest-rate.
+    #[arg(long, env = "HEADCOUNT_INGEST_BURST", default_value_t = 100)]
+    pub ingest_burst: u32,
+    /// Read calls per second one read token may make (gRPC calls, watch openings, HTTP
+    /// requests); beyond it RESOURCE_EXHAUSTED (HTTP 429). 0: no limit.
+    #[arg(long, env = "HEADCOUNT_READ_RATE", default_value_t = 0)]
+    pub read_rate: u32,
+    /// Read calls a token may make at once above --read-rate.
+    #[arg(long, env = "HEADCOUNT_READ_BURST", default_value_t = 50)]
+    pub read_burst: u32,
+    /// Most gRPC watchers plus live (SSE) pages one token may hold open (beyond:
+    /// RESOURCE_EXHAUSTED, HTTP 429). 0: no limit.
+    #[arg(long, env = "HEADCOUNT_MAX_WATCHERS_PER_TOKEN", default_value_t = 256)]
+    pub max_watchers_per_token: usize,
+    /// Deadline of a call until its response starts (unary calls whole, a stream's opening);
+    /// beyond it DEADLINE_EXCEEDED.
+    #[arg(long, env = "HEADCOUNT_CALL_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub call_timeout: Duration,
     /// A site that sent nothing (report or heartbeat) for this long is flagged silent.
     #[arg(long, env = "HEADCOUNT_SILENT_AFTER", default_value = "60s", value_parser = duration)]
     pub silent_after: Duration,
@@ -207,6 +243,7 @@ impl ServerArgs {
             grace: self.grace,
             max_concurrent_handshakes: self.max_concurrent_handshakes,
             tls: None,
+            call_timeout: self.call_timeout,
         }
     }
 
@@ -226,6 +263,40 @@ impl ServerArgs {
     /// Loads the TLS material the flags name (None without `--tls-cert`); the error names the file.
     pub fn tls(&self) -> Result<Option<super::tls::ServerTls>, super::tls::TlsError> {
         self.tls_settings().map(super::tls::ServerTls::load).transpose()
+    }
+
+    /// The per-credential limits.
+    pub fn quotas(&self) -> super::quotas::QuotaConfig {
+        super::quotas::QuotaConfig {
+            ingest_per_second: self.ingest_rate,
+            ingest_burst: self.ingest_burst,
+            read_per_second: self.read_rate,
+            read_burst: self.read_burst,
+            max_watchers_per_token: self.max_watchers_per_token,
+        }
+    }
+
+    /// Where the credentials come from: the flags, else the systemd credentials `auth-secret` and
+    /// `auth-keys` in `$CREDENTIALS_DIRECTORY`. The error says which file could not be read.
+    pub fn auth_sources(&self) -> Result<super::auth::AuthSources, String> {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let from_creds = |name: &str| creds.as_ref().map(|d| d.join(name)).filter(|p| p.exists());
+        let secret_file = self.auth_secret_file.clone().or_else(|| from_creds("auth-secret"));
+        let secret = match (&self.auth_secret, secret_file) {
+            (Some(s), _) => Some(s.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    format!("cannot read the token secret {} (--auth-secret-file): {e}", path.display())
+                })?;
+                Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+            }
+            (None, None) => None,
+        };
+        Ok(super::auth::AuthSources {
+            secret,
+            keys_file: self.auth_keys.clone().or_else(|| from_creds("auth-keys")),
+            revoked_file: self.revoked.clone(),
+        })
     }
 
     /// The HTTP side's settings.

@@ -39,7 +39,7 @@ impl IngestService {
     fn identify(&self, md: &MetadataMap, cert_site: Option<&str>) -> Result<ReporterId, Error> {
         let grant = match cert_site {
             Some(site) => super::tls::identity::grant(site, md)?,
-            None => self.auth.verify_metadata(md)?,
+            None => self.auth.verify_metadata(md)?.grant,
         };
         let site = md
             .get(SITE_HEADER)
@@ -51,7 +51,7 @@ impl IngestService {
             Grant::Site(s) => {
                 return Err(Error::PermissionDenied(format!("token of site {s:?} cannot report for site {site:?}")));
             }
-            Grant::Read => return Err(Error::PermissionDenied("a read token cannot report".into())),
+            Grant::Read(_) => return Err(Error::PermissionDenied("a read token cannot report".into())),
         }
         let desk = match md.get(DESK_HEADER) {
             None => 1,
@@ -106,6 +106,7 @@ impl Ingest for IngestService {
             metrics::counter!("headcount_handshakes_refused_total", "code" => format!("{:?}", e.code())).increment(1);
             tracing::info!(error = %e, peer = ?request.remote_addr(), "ingest stream refused");
         })?;
+        let guard = self.auth.stream_guard(request.metadata(), site_id(&self.agg, reporter));
         let mut resume = self.agg.resume_durable(reporter).await?;
         if let Some((c, desk)) = claim {
             (resume.agent_slot, resume.site_agents, resume.desk_agents) =
@@ -116,7 +117,7 @@ impl Ingest for IngestService {
         // server's profile under load). Log lines carry site and desk instead.
         tracing::debug!(site = %site_id(&self.agg, reporter), desk = reporter.desk, registers = resume.registers.len(), "stream opened");
         let resume = ReportResponse { kind: Some(report_response::Kind::Resume(resume)) };
-        Ok(Response::new(Box::pin(serve_stream(self.agg.clone(), reporter, resume, request.into_inner()))))
+        Ok(Response::new(Box::pin(serve_stream(self.agg.clone(), reporter, resume, request.into_inner(), guard))))
     }
 }
 
@@ -154,6 +155,7 @@ enum Wake {
     Flushed,
     JournalClosed,
     Shutdown,
+    Revoked(String),
 }
 
 /// One reporter's response stream: the resume handshake, then an ack per batch, until the
@@ -178,6 +180,7 @@ fn serve_stream(
     reporter: ReporterId,
     resume: ReportResponse,
     mut inbound: Streaming<ReportRequest>,
+    mut guard: super::auth::StreamGuard,
 ) -> impl Stream<Item = Result<ReportResponse, Status>> + Send {
     async_stream::stream! {
         yield Ok(resume);
@@ -233,6 +236,7 @@ fn serve_stream(
                     if changed.is_ok() { Wake::Flushed } else { Wake::JournalClosed }
                 }
                 () = &mut cancelled => Wake::Shutdown,
+                why = &mut guard.revoked => Wake::Revoked(why),
             };
             match wake {
                 Wake::Flushed => {}
@@ -252,7 +256,19 @@ fn serve_stream(
                     yield Err(Status::unavailable("aggregator shutting down; reconnect later"));
                     break;
                 }
+                Wake::Revoked(why) => {
+                    tracing::warn!(site = %site_id(&agg, reporter), desk = reporter.desk, reason = %why, "credential revoked; closing the stream");
+                    yield Err(Status::unauthenticated(why));
+                    break;
+                }
                 Wake::Message(Ok(Some(ReportRequest { kind: Some(report_request::Kind::Batch(batch)) }))) => {
+                    // Over the site's --ingest-rate: not applied; the stream ends once the
+                    // applied batches are acked, RESOURCE_EXHAUSTED with a retry hint.
+                    if let Err(status) = guard.batch() {
+                        ending = Some(status);
+                        reading = false;
+                        continue;
+                    }
                     let ack = agg.apply_batch(reporter, &batch);
                     tracing::trace!(
                         site = %site_id(&agg, reporter), desk = reporter.desk, reports = batch.reports.len(),

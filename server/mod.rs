@@ -19,6 +19,7 @@ pub mod limits;
 pub mod liveness;
 pub mod persist;
 pub mod query;
+pub mod quotas;
 pub mod registers;
 pub mod registry;
 pub mod serve;

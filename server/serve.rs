@@ -33,6 +33,9 @@ pub struct Transport {
     pub max_concurrent_handshakes: usize,
     /// TLS on the gRPC listeners (and the certificate reload task); None: plain text.
     pub tls: Option<super::tls::ServerTls>,
+    /// Deadline of a call until its response starts (unary calls whole; a stream's opening):
+    /// beyond it DEADLINE_EXCEEDED. A shorter `grpc-timeout` from the client wins.
+    pub call_timeout: Duration,
 }
 
 impl Default for Transport {
@@ -47,6 +50,7 @@ impl Default for Transport {
             grace: Duration::from_secs(10),
             max_concurrent_handshakes: 512,
             tls: None,
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -158,6 +162,7 @@ fn totals_server(agg: &Aggregator, auth: Auth, transport: &Transport) -> ClientE
 /// The HTTP/2 limits every listener gets (tonic leaves most of them unlimited or off).
 fn builder(transport: &Transport) -> tonic::transport::Server {
     tonic::transport::Server::builder()
+        .timeout(transport.call_timeout)
         .tcp_nodelay(true)
         .max_concurrent_streams(transport.max_streams_per_connection)
         .http2_keepalive_interval(Some(transport.keepalive_interval))

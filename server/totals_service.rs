@@ -6,7 +6,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{aggregator::Aggregator, auth::Auth, tally::Node};
+use super::{
+    aggregator::Aggregator,
+    auth::{Auth, Credential, scope},
+    tally::Node,
+};
 use crate::proto::v1::{
     BreakdownOrder, BreakdownRequest, BreakdownResponse, CorrectionsRequest, CorrectionsResponse, CurveRequest,
     CurveResponse, ScopeTotals, SilentSitesRequest, SilentSitesResponse, StatsRequest, StatsResponse, TotalsRequest,
@@ -30,26 +34,36 @@ impl TotalsService {
         Self { agg, auth }
     }
 
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        self.auth.verify_metadata(req.metadata())?;
-        Ok(())
+    /// Checks the token (UNAUTHENTICATED) and its read rate (RESOURCE_EXHAUSTED with
+    /// `retry-after-ms`): once per call or watch.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<Credential, Status> {
+        let credential = self.auth.verify_metadata(req.metadata())?;
+        self.auth.quotas().read(&credential.token_id).map_err(|e| e.status())?;
+        Ok(credential)
+    }
+
+    /// PERMISSION_DENIED unless the credential may read `node` (a province token: its province).
+    fn allows(&self, credential: &Credential, node: Node) -> Result<(), Status> {
+        Ok(scope::allows(self.agg.registry(), &credential.grant, node)?)
     }
 }
 
 #[tonic::async_trait]
 impl Totals for TotalsService {
     async fn get_totals(&self, req: Request<TotalsRequest>) -> Result<Response<ScopeTotals>, Status> {
-        self.authorize(&req)?;
+        let credential = self.authorize(&req)?;
         let r = req.into_inner();
         let node = self.agg.node(r.scope.as_ref())?;
+        self.allows(&credential, node)?;
         let session = self.agg.session_index(r.session)?;
         Ok(Response::new(self.agg.totals_of(node, session)))
     }
 
     async fn breakdown(&self, req: Request<BreakdownRequest>) -> Result<Response<BreakdownResponse>, Status> {
-        self.authorize(&req)?;
+        let credential = self.authorize(&req)?;
         let r = req.into_inner();
         let node = self.agg.node(r.scope.as_ref())?;
+        self.allows(&credential, node)?;
         let session = self.agg.session_index(r.session)?;
         let order = BreakdownOrder::try_from(r.order)
             .map_err(|_| Status::invalid_argument(format!("unknown breakdown order {}", r.order)))?;
@@ -57,22 +71,24 @@ impl Totals for TotalsService {
     }
 
     async fn silent_sites(&self, req: Request<SilentSitesRequest>) -> Result<Response<SilentSitesResponse>, Status> {
-        self.authorize(&req)?;
+        let credential = self.authorize(&req)?;
         let r = req.into_inner();
         let node = self.agg.node(r.scope.as_ref())?;
+        self.allows(&credential, node)?;
         Ok(Response::new(self.agg.silent_sites(node, r.limit as usize)))
     }
 
     async fn curve(&self, req: Request<CurveRequest>) -> Result<Response<CurveResponse>, Status> {
-        self.authorize(&req)?;
+        let credential = self.authorize(&req)?;
         let r = req.into_inner();
         let node = self.agg.node(r.scope.as_ref())?;
+        self.allows(&credential, node)?;
         let session = self.agg.session_index(r.session)?;
         Ok(Response::new(self.agg.curve(node, session)?))
     }
 
     async fn corrections(&self, req: Request<CorrectionsRequest>) -> Result<Response<CorrectionsResponse>, Status> {
-        self.authorize(&req)?;
+        scope::national_only(&self.authorize(&req)?.grant)?;
         let limit = req.into_inner().limit as usize;
         Ok(Response::new(CorrectionsResponse { corrections: self.agg.shared().audit.newest(limit) }))
     }
@@ -95,14 +111,26 @@ impl Totals for TotalsService {
     type WatchStream = ReceiverStream<Result<WatchUpdate, Status>>;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        self.authorize(&req)?;
+        let credential = self.authorize(&req)?;
         let r = req.into_inner();
         let node = self.agg.node(r.scope.as_ref())?;
+        self.allows(&credential, node)?;
         let session = self.agg.session_index(r.session)?;
         let children = if r.include_children { self.agg.children(node)? } else { Vec::new() };
+        let slot = self.auth.quotas().watcher(&credential.token_id).map_err(|e| e.status())?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let tick = self.agg.shared().config.publish_tick;
-        tokio::spawn(publish(self.agg.clone(), node, session, children, tick, tx));
+        let agg = self.agg.clone();
+        let revoked = self.auth.revoked_signal(credential);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let closed = tx.clone();
+            // A token revoked while watching: the watch ends, saying so.
+            tokio::select! {
+                () = publish(agg, node, session, children, tick, tx) => {}
+                why = revoked => drop(closed.send(Err(Status::unauthenticated(why))).await),
+            }
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -17,7 +17,7 @@ use headcount::{
     },
     logging::LogFormat,
     server::{
-        Auth,
+        auth::{Grant, ReadScope},
         registry::{
             csv as registry_csv,
             generate::{DEFAULT_SEED, GenerateOptions, generate},
@@ -61,6 +61,9 @@ enum Command {
     Token(TokenArgs),
     /// Write the reference registry as CSV files.
     Registry(RegistryArgs),
+    /// Write per site a bundle (agent config, token, CA, instruction sheet in Vietnamese) and a
+    /// mail-merge CSV, from the registry.
+    Provision(headcount::client::provision::ProvisionArgs),
     /// Load-generate against a separate aggregator process on 127.0.0.1 and print figures.
     Bench(BenchArgs),
 }
@@ -84,6 +87,10 @@ struct SiteArgs {
     /// This site's token (`headcount token site ID`).
     #[arg(long, env = "HEADCOUNT_TOKEN", hide_env_values = true)]
     token: String,
+    /// Agent config file (TOML, as `headcount provision` writes it): fills the flags not given
+    /// on the command line.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Local state file (written atomically before every send; its directory is created).
     /// Default: `headcount-SITE-DESK.json`.
     #[arg(long, env = "HEADCOUNT_STATE_FILE")]
@@ -187,9 +194,9 @@ struct WatchArgs {
 
 #[derive(Debug, clap::Args)]
 struct TokenArgs {
-    /// The aggregator's secret.
-    #[arg(long, env = "HEADCOUNT_AUTH_SECRET", hide_env_values = true)]
-    auth_secret: String,
+    /// The signing keys and the validity (--expires) of the token.
+    #[command(flatten)]
+    credentials: headcount::client::credentials::CredentialArgs,
     #[command(subcommand)]
     kind: TokenKind,
 }
@@ -206,6 +213,9 @@ enum TokenKind {
         /// Whose token (shows in logs).
         #[arg(default_value = "dashboard")]
         label: String,
+        /// Confine the token to one province (its code): a provincial dashboard.
+        #[arg(long)]
+        province: Option<String>,
     },
 }
 
@@ -223,7 +233,19 @@ struct RegistryArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `headcount site --config FILE`: the file's settings become flags (the command line wins).
+    let site_flags = |flag: &str| {
+        use clap::CommandFactory;
+        Cli::command().find_subcommand("site").is_some_and(|c| c.get_arguments().any(|a| a.get_long() == Some(flag)))
+    };
+    let args = match headcount::client::site_config::expand(std::env::args_os().collect(), site_flags) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("headcount site: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     headcount::logging::init(cli.log_format, "warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -300,7 +322,8 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(if report.exact() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Site(args) => {
-            // Answers are printed from the agent's tasks on other threads: release the lock.
+            // The agent prints from its tasks (other threads): holding the stdout lock here
+            // would block the first of them forever.
             drop(stdout);
             let state_file =
                 args.state_file.unwrap_or_else(|| PathBuf::from(format!("headcount-{}-{}.json", args.site, args.desk)));
@@ -378,12 +401,27 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {
-            let auth = Auth::new(args.auth_secret.as_bytes())?;
+            let c = &args.credentials;
+            let auth = c.auth()?;
             let token = match args.kind {
-                TokenKind::Site { id } => auth.site_token(&id),
-                TokenKind::Read { label } => auth.read_token(&label),
+                TokenKind::Site { id } => c.mint(&auth, Grant::Site(id.clone()), &id)?,
+                TokenKind::Read { label, province } => {
+                    let scope = province.map_or(ReadScope::National, ReadScope::Province);
+                    c.mint(&auth, Grant::Read(scope), &label)?
+                }
             };
+            if let Ok(c) = auth.check(&token) {
+                eprintln!(
+                    "token id {} (list it in the revocation file to revoke this token), key {}",
+                    c.token_id, c.key_id
+                );
+            }
             writeln!(stdout, "{token}")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Provision(args) => {
+            let report = headcount::client::provision::run(&args)?;
+            eprintln!("wrote {} site bundles; mail merge: {}", report.bundles, report.mail_merge.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {

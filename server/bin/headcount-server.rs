@@ -38,7 +38,9 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     args.validate().map_err(|e| e.to_string())?;
     // Crash points for tests; inert unless FAILPOINTS names them.
     headcount::server::durability::failpoints::configure_from_env()?;
-    let auth = Auth::new(args.auth_secret.as_bytes()).map_err(|e| e.to_string())?;
+    let auth = Auth::from_sources(&args.auth_sources()?).map_err(|e| e.to_string())?.with_quotas(args.quotas());
+    auth.spawn_watcher(headcount::server::auth::watch::DEFAULT_PERIOD);
+    tracing::info!(keys = ?auth.key_ids(), revoked_file = ?args.revoked, "credentials loaded");
     let registry = args.registry().map_err(|e| e.to_string())?;
     args.validate_for(&registry).map_err(|e| e.to_string())?;
     tracing::info!(
@@ -97,28 +99,43 @@ async fn run(args: ServerArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     tracing::info!(%addr, "serving");
-    serve(listener, agg, auth, transport, shutdown_signal()).await.map_err(|e| e.to_string())
+    // systemd `Type=notify`: READY once the listeners are bound, STOPPING on the way out; a
+    // no-op without $NOTIFY_SOCKET.
+    let signalled = shutdown_signal();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let stop = async {
+        signalled.await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    };
+    serve(listener, agg, auth, transport, stop).await.map_err(|e| e.to_string())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled: a SIGTERM right after READY (systemd) is a drain, not a kill.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

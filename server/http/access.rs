@@ -20,6 +20,8 @@ pub const COOKIE: &str = "headcount_token";
 pub enum Access {
     /// A valid token: everything.
     Token,
+    /// A province read token: that province (index) and what lies within it.
+    Province(u32),
     /// No token, public lobby mode: national and province figures only.
     Public,
 }
@@ -44,14 +46,63 @@ pub fn token_of(headers: &HeaderMap) -> Option<&str> {
 /// Checks the request's token. Without a valid one: `Public` in lobby mode if the caller allows
 /// it (`public_ok`), else 401.
 pub fn check(state: &HttpState, headers: &HeaderMap, public_ok: bool) -> Result<Access, HttpError> {
-    match token_of(headers) {
-        Some(token) if state.auth.verify(token).is_ok() => Ok(Access::Token),
+    match token_of(headers).map(|token| state.auth.check(token)) {
+        Some(Ok(credential)) => granted(state, &credential),
         _ if public_ok && state.config.public => Ok(Access::Public),
-        Some(_) => Err(HttpError::unauthorized("invalid token: log in again at /login or send a valid bearer token")),
+        // Says why (invalid, expired, rotated out, revoked).
+        Some(Err(e)) => {
+            Err(HttpError::unauthorized(format!("{e}; log in again at /login or send a valid bearer token")))
+        }
         None => Err(HttpError::unauthorized(
             "a read token is needed: log in at /login or send `Authorization: Bearer <token>` (mint one with `headcount token read`)",
         )),
     }
+}
+
+/// A valid token's access, after its read rate (429 with the wait beyond `--read-rate`).
+fn granted(state: &HttpState, credential: &crate::server::auth::Credential) -> Result<Access, HttpError> {
+    if let Err(e) = state.auth.quotas().read(&credential.token_id) {
+        return Err(HttpError { status: StatusCode::TOO_MANY_REQUESTS, message: e.status().message().to_owned() });
+    }
+    match crate::server::auth::scope::confined_to(state.agg.registry(), &credential.grant) {
+        Some(province) => Ok(Access::Province(province?)),
+        None => Ok(Access::Token),
+    }
+}
+
+/// 403 unless `node` lies within province index `province` (what a province token may read).
+pub fn within_province(
+    agg: &crate::server::Aggregator,
+    province: u32,
+    node: crate::server::tally::Node,
+) -> Result<(), HttpError> {
+    Ok(crate::server::auth::scope::within(agg.registry(), province, node)?)
+}
+
+/// 403 for a province token (national-only data such as the corrections trail).
+pub fn national_only(access: Access) -> Result<(), HttpError> {
+    match access {
+        Access::Province(_) => Err(HttpError {
+            status: StatusCode::FORBIDDEN,
+            message: "this token reads one province only; this needs a national read token".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A place among the token's live viewers (`--max-watchers-per-token`; 429 beyond it), or `None`
+/// without a token (public lobby mode).
+pub fn viewer_slot(
+    state: &HttpState,
+    headers: &HeaderMap,
+) -> Result<Option<crate::server::quotas::WatcherSlot>, HttpError> {
+    let Some(Ok(credential)) = token_of(headers).map(|t| state.auth.check(t)) else { return Ok(None) };
+    state
+        .auth
+        .quotas()
+        .watcher(&credential.token_id)
+        .map(Some)
+        .map_err(|e| HttpError { status: StatusCode::TOO_MANY_REQUESTS, message: e.what })
 }
 
 /// Query of `GET /login`.

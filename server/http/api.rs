@@ -74,7 +74,11 @@ impl Params {
         {
             return Err(HttpError::unauthorized("only national and province figures are public; log in at /login"));
         }
-        Ok((agg.node(Some(&scope))?, agg.session_index(self.session()?)?))
+        let node = agg.node(Some(&scope))?;
+        if let Access::Province(p) = access {
+            super::access::within_province(agg, p, node)?;
+        }
+        Ok((node, agg.session_index(self.session()?)?))
     }
 
     fn order(&self) -> Result<BreakdownOrder, HttpError> {
@@ -296,7 +300,7 @@ pub async fn corrections(
     headers: HeaderMap,
     Query(p): Query<Params>,
 ) -> Result<Json<serde_json::Value>, HttpError> {
-    access::check(&st, &headers, false)?;
+    access::national_only(access::check(&st, &headers, false)?)?;
     let list: Vec<CorrectionJson> =
         st.agg.shared().audit.newest(p.limit.unwrap_or(0)).iter().map(CorrectionJson::from).collect();
     Ok(Json(serde_json::json!({ "corrections": list })))

@@ -188,7 +188,7 @@ pub async fn silent(
 
 /// `GET /export/corrections.csv`: the whole audit trail, newest first.
 pub async fn corrections(State(st): State<HttpState>, headers: HeaderMap) -> Result<Response, HttpError> {
-    access::check(&st, &headers, false)?;
+    access::national_only(access::check(&st, &headers, false)?)?;
     let list = st.agg.shared().audit.newest(0);
     csv_response("headcount-corrections.csv", |w| {
         w.write_record(["site_id", "desk", "session", "seq", "previous_count", "count", "reason", "applied_utc"])?;

@@ -137,8 +137,12 @@ where
     }
 }
 
-/// What the head of a live request asks for: the topic, or the error answer.
-fn parse_live(head: &[u8], state: &HttpState) -> Result<usize, HttpError> {
+/// What the head of a live request asks for: the topic and the viewer's slot under its token's
+/// watcher cap, or the error answer (the same checks as the router's `/api/live`).
+fn parse_live(
+    head: &[u8],
+    state: &HttpState,
+) -> Result<(usize, Option<crate::server::quotas::WatcherSlot>), HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; 48];
     let mut req = httparse::Request::new(&mut headers);
     let bad = || HttpError::bad_request("malformed request");
@@ -153,9 +157,11 @@ fn parse_live(head: &[u8], state: &HttpState) -> Result<usize, HttpError> {
             map.append(name, value);
         }
     }
-    access::check(state, &map, true)?;
+    // The frames carry national and every province's figures: not for a province token.
+    access::national_only(access::check(state, &map, true)?)?;
+    let slot = access::viewer_slot(state, &map)?;
     let Query(p) = Query::<LiveParams>::try_from_uri(&uri).map_err(|e| HttpError::bad_request(e.body_text()))?;
-    Live::topic(&state.agg, p.session, p.provinces.unwrap_or(true))
+    Ok((Live::topic(&state.agg, p.session, p.provinces.unwrap_or(true))?, slot))
 }
 
 /// Serves one live viewer by hand until it goes away or the aggregator shuts down.
@@ -165,7 +171,7 @@ where
 {
     let topic = parse_live(&head, &state);
     drop(head);
-    let topic = match topic {
+    let (topic, _slot) = match topic {
         Ok(t) => t,
         Err(e) => {
             let status = e.status;

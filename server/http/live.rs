@@ -206,11 +206,13 @@ pub async fn events(
     headers: HeaderMap,
     Query(p): Query<LiveParams>,
 ) -> Result<Response, HttpError> {
-    access::check(&st, &headers, true)?;
+    // The frames carry national and every province's figures: not for a province token.
+    access::national_only(access::check(&st, &headers, true)?)?;
+    let viewer_slot = access::viewer_slot(&st, &headers)?;
     let topic = Live::topic(&st.agg, p.session, p.provinces.unwrap_or(true))?;
     let (rx, viewer) = st.live.subscribe(topic);
     let frames = WatchStream::from_changes(rx).take_while(Option::is_some).map(move |f| {
-        let _counted = &viewer;
+        let _counted = (&viewer, &viewer_slot);
         Ok::<Bytes, Infallible>(f.unwrap_or_default())
     });
     let mut r = Body::from_stream(frames).into_response();

@@ -219,6 +219,10 @@ impl Ctx {
 
     fn spec(&self, args: &BenchArgs, listen: &str) -> Result<ServerSpec, BenchError> {
         let mut extra = vec!["--max-concurrent-handshakes".to_owned(), args.max_handshakes.to_string()];
+        // One read token drives every SSE viewer: lift the per-token watcher cap (256).
+        if args.mode == Mode::Sse && args.server_flag("--max-watchers-per-token").is_none() {
+            extra.extend(["--max-watchers-per-token".to_owned(), "0".to_owned()]);
+        }
         // Counts grow by one per report per register; the production ceiling (100,000 per desk
         // and session) would refuse a long saturated run on few streams.
         if args.server_flag("--max-count").is_none() {

@@ -149,6 +149,16 @@ impl Actor {
                 );
                 reg.count = count;
                 reg.reason = None;
+                // This session's reports sent after the refused one carry its change too and
+                // are refused the same way: their refusals must keep this count (their change
+                // from the aggregator's count is the one just undone), not undo it once more.
+                if let Some(conn) = &mut self.conn {
+                    for ((session, seq), sent) in &mut conn.in_flight {
+                        if *session == r.session && *seq > r.seq {
+                            *sent = cur_count;
+                        }
+                    }
+                }
                 let s = settled.entry(r.session).or_default();
                 match bump(r.session, reg.seq.max(cur_seq)) {
                     Ok(seq) => {

@@ -65,6 +65,35 @@ async fn a_damaged_middle_journal_is_refused_and_restoring_it_starts_again() {
     assert_all_there(&dir).await;
 }
 
+/// A middle journal cut cleanly at a record boundary, short of the length the next journal's
+/// header says was committed, holds acknowledged records no more: refused, not skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_journal_shorter_than_committed_is_refused() {
+    let dir = two_journals().await;
+    let first = dir.files(".log")[0].clone();
+    let good = std::fs::read(&first).unwrap();
+    // Record boundaries after the header: each frame is length (u32 LE), CRC-32, payload.
+    let header = headcount::server::durability::record::HEADER_LEN;
+    let mut bounds = vec![header];
+    let mut at = header;
+    while at + 8 <= good.len() {
+        let len = u32::from_le_bytes(good[at..at + 4].try_into().unwrap()) as usize;
+        if at + 8 + len > good.len() {
+            break;
+        }
+        at += 8 + len;
+        bounds.push(at);
+    }
+    assert!(bounds.len() >= 3, "the first journal holds records: {bounds:?}");
+    // Drop the last whole record: a clean end, short of what was committed.
+    let cut = bounds[bounds.len() - 2];
+    std::fs::write(&first, &good[..cut]).unwrap();
+    let err = dir.start_failing();
+    assert!(err.contains(&*first.to_string_lossy()) && err.contains("committed"), "{err}");
+    std::fs::write(&first, &good).unwrap();
+    assert_all_there(&dir).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_header_a_missing_journal_and_an_unknown_record_are_refused() {
     let dir = two_journals().await;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod curve;
 pub mod durability;
 pub mod error;
+pub mod handshake;
 pub mod http;
 pub mod ingest;
 pub mod installs;

@@ -67,8 +67,10 @@ pub async fn totals(
 ) -> Result<(), DashboardError> {
     let mut client = TotalsClient::new(channel);
     let (parent, children) = if scope.kind == ScopeKind::Site as i32 {
-        let t =
-            client.get_totals(authorized(TotalsRequest { scope: Some(scope), session }, token)?).await?.into_inner();
+        let t = client
+            .get_totals(authorized(TotalsRequest { scope: Some(scope), session, min_revision: 0 }, token)?)
+            .await?
+            .into_inner();
         (t, Vec::new())
     } else {
         let req = BreakdownRequest { scope: Some(scope), session, order: options.order as i32, limit: options.limit };

@@ -239,7 +239,7 @@ mod tests {
             message: "m".repeat(MAX_REJECTION_MESSAGE),
             current: Some(RegisterState { session: u32::MAX, seq: u64::MAX, count: i64::MIN }),
         };
-        let ack = Ack { applied: vec![], rejections: vec![rejection; 5], site_agents: u32::MAX };
+        let ack = Ack { applied: vec![], rejections: vec![rejection; 5], site_agents: u32::MAX, revision: u64::MAX };
         let resp = ReportResponse { kind: Some(report_response::Kind::Ack(ack)) };
         assert_eq!(resp.encoded_len(), largest_ack(5));
     }

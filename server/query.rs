@@ -91,6 +91,7 @@ impl Aggregator {
             sites_total,
             sites_over_capacity: reading.over_capacity,
             last_change_unix_ms: self.shared().config.clock.to_wall(reading.changed_ms),
+            revision: 0,
         }
     }
 

@@ -105,6 +105,8 @@ impl Totals for TotalsService {
             streams_open: st.streams_open,
             registers: s.registers.len() as u64,
             durable_flush: s.durability.as_ref().map_or(0, |d| *d.subscribe(0).borrow()),
+            revision: 0,
+            node: String::new(),
         }))
     }
 

@@ -56,7 +56,7 @@ pub(super) async fn query_loop(ch: Channel, stop: Arc<AtomicBool>) -> Latency {
     let mut samples = Samples::default();
     let timeout = Duration::from_secs(5);
     while !stop.load(Relaxed) {
-        let Ok(req) = authorized(TotalsRequest { scope: None, session: None }) else { break };
+        let Ok(req) = authorized(TotalsRequest { scope: None, session: None, min_revision: 0 }) else { break };
         let t = Instant::now();
         match tokio::time::timeout(timeout, c.get_totals(req)).await {
             Ok(Ok(_)) => samples.since(t),

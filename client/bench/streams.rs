@@ -179,6 +179,6 @@ pub(super) async fn server_stats(ch: Channel) -> Result<(u64, u64), BenchError> 
 
 /// The national total of `session` (None: all sessions), within [`CALL_TIMEOUT`].
 pub(super) async fn national(ch: Channel, session: Option<u32>) -> Result<i64, BenchError> {
-    let req = authorized(TotalsRequest { scope: None, session })?;
+    let req = authorized(TotalsRequest { scope: None, session, min_revision: 0 })?;
     Ok(bounded("GetTotals", TotalsClient::new(ch).get_totals(req)).await?.into_inner().count)
 }

@@ -278,9 +278,10 @@ async fn site_totals(agent: &Agent, t: &SiteTotals, out: &Out) {
     let mut client = TotalsClient::new(t.channel.clone());
     for session in st.local.keys() {
         let scope = Scope { kind: ScopeKind::Site as i32, id: t.site.clone() };
-        let Ok(req) =
-            crate::client::connect::authorized(TotalsRequest { scope: Some(scope), session: Some(*session) }, &t.token)
-        else {
+        let Ok(req) = crate::client::connect::authorized(
+            TotalsRequest { scope: Some(scope), session: Some(*session), min_revision: 0 },
+            &t.token,
+        ) else {
             return;
         };
         match tokio::time::timeout(Duration::from_secs(5), client.get_totals(req)).await {

@@ -296,6 +296,7 @@ async fn hostile_inputs_get_their_exact_status_and_change_nothing() {
         frame(&enc(&TotalsRequest {
             scope: Some(headcount::proto::v1::Scope { kind: kind as i32, id: id.into() }),
             session,
+            min_revision: 0,
         }))
     };
     let (_, site_id) = ts.site_with_desks(1, 0);
@@ -404,7 +405,7 @@ fn totals_of_size(size: usize) -> Vec<u8> {
     let mut len = size - 8;
     loop {
         let scope = headcount::proto::v1::Scope { kind: ScopeKind::Province as i32, id: "9".repeat(len) };
-        let msg = enc(&TotalsRequest { scope: Some(scope), session: None });
+        let msg = enc(&TotalsRequest { scope: Some(scope), session: None, min_revision: 0 });
         match msg.len().cmp(&size) {
             std::cmp::Ordering::Equal => return msg,
             std::cmp::Ordering::Greater => len -= 1,

@@ -304,7 +304,7 @@ impl Reader {
 
     pub async fn try_totals(&self, scope: Scope, session: Option<u32>) -> Result<ScopeTotals, Status> {
         let mut c = self.client.clone();
-        within("GetTotals", c.get_totals(self.req(TotalsRequest { scope: Some(scope), session })))
+        within("GetTotals", c.get_totals(self.req(TotalsRequest { scope: Some(scope), session, min_revision: 0 })))
             .await
             .map(tonic::Response::into_inner)
     }

@@ -206,6 +206,7 @@ async fn site_count(url: &str, site: &str) -> i64 {
     let mut req = Request::new(TotalsRequest {
         scope: Some(Scope { kind: ScopeKind::Site as i32, id: site.to_owned() }),
         session: None,
+        min_revision: 0,
     });
     req.metadata_mut().insert("authorization", connect::bearer(&auth().read_token("test")).expect("bearer"));
     c.get_totals(req).await.expect("get totals").into_inner().count
@@ -214,7 +215,11 @@ async fn site_count(url: &str, site: &str) -> i64 {
 async fn scope_count(url: &str, kind: ScopeKind, id: &str, session: Option<u32>) -> i64 {
     let ch = connect::channel(url).await.expect("connect to server");
     let mut c = TotalsClient::new(ch);
-    let mut req = Request::new(TotalsRequest { scope: Some(Scope { kind: kind as i32, id: id.to_owned() }), session });
+    let mut req = Request::new(TotalsRequest {
+        scope: Some(Scope { kind: kind as i32, id: id.to_owned() }),
+        session,
+        min_revision: 0,
+    });
     req.metadata_mut().insert("authorization", connect::bearer(&auth().read_token("test")).expect("bearer"));
     c.get_totals(req).await.expect("get totals").into_inner().count
 }

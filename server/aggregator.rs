@@ -28,6 +28,7 @@ use super::{
     liveness::Liveness,
     registers::{Outcome, Register, RegisterKey, Registers},
     registry::Registry,
+    replication::Replication,
     tally::Tallies,
 };
 use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch};
@@ -146,8 +147,11 @@ pub struct Shared {
     pub streams_open: AtomicU64,
     /// Cancelled when the aggregator shuts down; streams and watchers end with it.
     pub shutdown: CancellationToken,
-    /// The journal, unless running in memory only.
+    /// The journal (or, in cluster mode, the etcd committer's flush numbers), unless running in
+    /// memory only.
     pub durability: Option<Arc<Durability>>,
+    /// Cluster mode: revisions, fence, install claims (None on a single node).
+    pub replication: Option<Arc<Replication>>,
 }
 
 /// Handle to the aggregator.
@@ -164,7 +168,7 @@ pub fn now_ms() -> i64 {
 impl Aggregator {
     /// A fresh in-memory aggregator (all registers zero): everything is lost on exit.
     pub fn new(registry: Registry, config: AggregatorConfig) -> Self {
-        Self::build(registry, config, None)
+        Self::build(registry, config, None, None)
     }
 
     /// Flushes, writes a final snapshot and stops the journal (blocking; no-op in memory).
@@ -179,7 +183,12 @@ impl Aggregator {
         self.shared.durability.as_ref().map(|d| d.target())
     }
 
-    pub(crate) fn build(registry: Registry, config: AggregatorConfig, durability: Option<Arc<Durability>>) -> Self {
+    pub(crate) fn build(
+        registry: Registry,
+        config: AggregatorConfig,
+        durability: Option<Arc<Durability>>,
+        replication: Option<Arc<Replication>>,
+    ) -> Self {
         let tallies = Tallies::new(&registry);
         let liveness = Liveness::new(registry.sites.len(), config.silent_after.as_millis() as i64);
         let curve = Curve::new(config.curve_bucket.as_millis() as i64, config.curve_capacity);
@@ -202,6 +211,7 @@ impl Aggregator {
                 streams_open: AtomicU64::new(0),
                 shutdown: CancellationToken::new(),
                 durability,
+                replication,
             }),
         }
     }
@@ -377,7 +387,11 @@ impl Aggregator {
             unix_ms: s.config.clock.wall_ms(),
         };
         // Audit first: a snapshot taken before the push must hold it (see `Durability::push`).
-        s.audit.record(c.clone());
+        // In cluster mode the trail is etcd's: every node (this one too) adds it from the watch,
+        // in revision order.
+        if s.replication.is_none() {
+            s.audit.record(c.clone());
+        }
         if let Some(d) = &s.durability {
             durability::failpoints::crash_point("correction-before-journal");
             d.push(Record::Correction(c));
@@ -429,7 +443,12 @@ impl Aggregator {
         let bucket = s.curve.bucket_start(s.config.clock.wall_ms());
         let sample = Curve::read(&s.tallies, s.registry.provinces.len(), bucket);
         // Curve first: a snapshot taken before the push must hold it (see `push`).
-        let record = s.durability.as_ref().map(|_| Record::Curve(CurveRecord::from_sample(&s.registry, &sample)));
+        // Not in cluster mode: each node samples its own curve from the (replicated) rollups.
+        let record = s
+            .durability
+            .as_ref()
+            .filter(|_| s.replication.is_none())
+            .map(|_| Record::Curve(CurveRecord::from_sample(&s.registry, &sample)));
         s.curve.push(sample);
         if let (Some(d), Some(record)) = (&s.durability, record) {
             d.push(record);

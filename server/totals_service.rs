@@ -52,10 +52,17 @@ impl TotalsService {
 impl Totals for TotalsService {
     async fn get_totals(&self, req: Request<TotalsRequest>) -> Result<Response<ScopeTotals>, Status> {
         let credential = self.authorize(&req)?;
+        let wait = call_deadline(req.metadata());
         let r = req.into_inner();
         let node = self.agg.node(r.scope.as_ref())?;
         self.allows(&credential, node)?;
         let session = self.agg.session_index(r.session)?;
+        // Read-your-writes in cluster mode: answer once this node has applied `min_revision`.
+        if let Some(rep) = &self.agg.shared().replication
+            && r.min_revision > 0
+        {
+            rep.wait_applied(r.min_revision, wait).await?;
+        }
         Ok(Response::new(self.agg.totals_of(node, session)))
     }
 
@@ -105,8 +112,8 @@ impl Totals for TotalsService {
             streams_open: st.streams_open,
             registers: s.registers.len() as u64,
             durable_flush: s.durability.as_ref().map_or(0, |d| *d.subscribe(0).borrow()),
-            revision: 0,
-            node: String::new(),
+            revision: s.replication.as_ref().map_or(0, |r| r.applied()),
+            node: s.replication.as_ref().map_or_else(String::new, |r| r.node.clone()),
         }))
     }
 
@@ -184,4 +191,23 @@ async fn publish(
     // Shut down: the watch ends with UNAVAILABLE (not OK, which would read as "nothing more
     // will ever change"). Waits for room in the channel; a watcher gone by then is fine.
     let _ = tx.send(Err(Status::unavailable("aggregator shutting down; watch again later"))).await;
+}
+
+/// How long a `min_revision` read may wait: the call's `grpc-timeout` (minus a margin to answer
+/// in time), else 5 s.
+fn call_deadline(md: &tonic::metadata::MetadataMap) -> std::time::Duration {
+    const DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+    let Some(value) = md.get("grpc-timeout").and_then(|v| v.to_str().ok()) else { return DEFAULT };
+    let (digits, unit) = value.split_at(value.len().saturating_sub(1));
+    let Ok(n) = digits.parse::<u64>() else { return DEFAULT };
+    let total = match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return DEFAULT,
+    };
+    total.mul_f64(0.9)
 }

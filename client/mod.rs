@@ -2,6 +2,7 @@
 //! tools ([`dashboard`]) and the national simulation ([`simulate`]).
 
 pub mod bench;
+pub mod cluster;
 pub mod connect;
 pub mod credentials;
 pub mod desk;

@@ -114,12 +114,20 @@ impl LocalEtcd {
     /// Starts `members` etcd members (1 to 9) with their data and logs under `dir` (created if
     /// missing; `<dir>/m<i>.etcd`, `<dir>/m<i>.log`) and waits until every member answers a read
     /// through the quorum, within [`HEALTH_DEADLINE`]. A port race restarts the whole cluster on
-    /// new ports, up to 3 times. Errors: `etcd` not installed, `dir` not writable, no health.
+    /// new ports, up to 3 times. Errors: `etcd` not installed ([`etcd_binary`]), `dir` not
+    /// writable, no health.
     pub async fn start(members: usize, dir: &Path) -> Result<Self, EtcdError> {
+        Self::start_with(etcd_binary()?, members, dir).await
+    }
+
+    /// [`LocalEtcd::start`] with this `etcd` binary ([`EtcdError::NotInstalled`] if it is not a file).
+    pub async fn start_with(binary: PathBuf, members: usize, dir: &Path) -> Result<Self, EtcdError> {
+        if !binary.is_file() {
+            return Err(EtcdError::NotInstalled(format!("{} is not a file", binary.display())));
+        }
         if !(1..=9).contains(&members) {
             return Err(EtcdError::Unhealthy(format!("{members} members: use 1 to 9")));
         }
-        let binary = etcd_binary()?;
         let mut last = None;
         for attempt in 0..START_ATTEMPTS {
             let run_dir = dir.join(format!("etcd-{attempt}"));

@@ -31,8 +31,11 @@ use crate::{
 
 /// Keys per page of a listing.
 const PAGE: i64 = 5_000;
-/// Pause before a broken watch is re-established.
-const REWATCH_PAUSE: Duration = Duration::from_millis(200);
+/// First pause before a broken watch is re-established; doubles per failure in a row up to
+/// [`REWATCH_PAUSE_MAX`].
+const REWATCH_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between attempts.
+const REWATCH_PAUSE_MAX: Duration = Duration::from_secs(2);
 
 /// Streams that sites hold on OTHER nodes (from their `stream/` keys): a site with one is
 /// reporting on every node.
@@ -211,6 +214,7 @@ pub async fn run(
     let Some(rep) = agg.shared().replication.clone() else { return };
     let shutdown = agg.shared().shutdown.clone();
     let end = format!("{prefix}0");
+    let mut failures = 0u32;
     loop {
         let options =
             WatchOptions::new().with_range(end.clone()).with_start_revision(revision as i64 + 1).with_progress_notify();
@@ -222,8 +226,11 @@ pub async fn run(
         let mut stream = match watched {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, node = %rep.node, "cannot watch etcd; retrying");
-                if pause(&shutdown).await {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(error = %e, node = %rep.node, "cannot watch etcd; retrying with backoff");
+                }
+                if pause(&shutdown, failures).await {
                     return;
                 }
                 continue;
@@ -233,6 +240,7 @@ pub async fn run(
             tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(response)) => {
+                        failures = 0;
                         if response.compact_revision() > 0 || response.canceled() {
                             tracing::warn!(
                                 compacted = response.compact_revision(), reason = response.cancel_reason(),
@@ -272,7 +280,7 @@ pub async fn run(
                 () = shutdown.cancelled() => return,
             }
         };
-        if pause(&shutdown).await {
+        if pause(&shutdown, failures).await {
             return;
         }
         if relist {
@@ -287,10 +295,11 @@ pub async fn run(
     }
 }
 
-/// Waits before retrying; true when shutting down.
-async fn pause(shutdown: &tokio_util::sync::CancellationToken) -> bool {
+/// Waits before retrying (longer after each failure in a row); true when shutting down.
+async fn pause(shutdown: &tokio_util::sync::CancellationToken, failures: u32) -> bool {
+    let wait = REWATCH_PAUSE.saturating_mul(1 << failures.min(5)).min(REWATCH_PAUSE_MAX);
     tokio::select! {
-        () = tokio::time::sleep(REWATCH_PAUSE) => false,
+        () = tokio::time::sleep(wait) => false,
         () = shutdown.cancelled() => true,
     }
 }

@@ -118,6 +118,8 @@ pub struct TotalsJson {
     pub sites_over_capacity: u32,
     /// Last change, Unix ms (0: never).
     pub last_change_unix_ms: i64,
+    /// Cluster mode: the etcd revision these totals reflect (0 on a single node).
+    pub revision: u64,
 }
 
 /// The kind name of a wire scope.
@@ -145,6 +147,7 @@ impl From<&ScopeTotals> for TotalsJson {
             sites_silent: t.sites_total.saturating_sub(t.sites_reporting),
             sites_over_capacity: t.sites_over_capacity,
             last_change_unix_ms: t.last_change_unix_ms,
+            revision: t.revision,
         }
     }
 }

@@ -257,8 +257,12 @@ pub async fn run(
                                 EventType::Delete => state.remote.delete(kv.key()),
                             }
                         }
-                        // A progress notification (no events) carries the store's revision.
-                        let seen = if response.events().is_empty() {
+                        // A progress notification (no events; sent only once the watch has
+                        // caught up) carries the store's revision. The creation response does
+                        // not: it comes before the events the watch still has to send.
+                        let seen = if response.created() {
+                            0
+                        } else if response.events().is_empty() {
                             response.header().map_or(0, |h| h.revision())
                         } else {
                             last

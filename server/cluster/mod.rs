@@ -93,13 +93,16 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The etcd client's options: connect and request timeouts, HTTP/2 keepalive.
+    /// The etcd client's options: connect and request timeouts, HTTP/2 keepalive, and requests
+    /// refused by a member that has no leader (so a partitioned minority fails fast).
     pub fn connect_options(&self) -> ConnectOptions {
         ConnectOptions::new()
             .with_connect_timeout(self.request_timeout)
             .with_timeout(self.request_timeout)
             .with_keep_alive(Duration::from_secs(2), self.request_timeout)
             .with_keep_alive_while_idle(true)
+            // A member cut off from its leader answers at once instead of hanging.
+            .with_require_leader(true)
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 };
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -110,6 +110,8 @@ pub struct Replication {
     fence: Mutex<CancellationToken>,
     /// Stream presence changes for the presence loop.
     presence: mpsc::UnboundedSender<PresenceChange>,
+    /// Callers waiting for a barrier; one write answers every caller queued before it started.
+    barriers: mpsc::UnboundedSender<oneshot::Sender<Result<u64, Error>>>,
     /// How long a read or a resume waits to catch up with etcd, at most.
     pub catch_up_timeout: Duration,
 }
@@ -118,6 +120,8 @@ pub struct Replication {
 pub struct ReplicationQueues {
     /// Presence changes.
     pub presence: mpsc::UnboundedReceiver<PresenceChange>,
+    /// Barrier waiters (drained by [`Replication::run_barriers`]).
+    pub barriers: mpsc::UnboundedReceiver<oneshot::Sender<Result<u64, Error>>>,
 }
 
 impl Replication {
@@ -129,6 +133,7 @@ impl Replication {
         catch_up_timeout: Duration,
     ) -> (Arc<Self>, ReplicationQueues) {
         let (presence_tx, presence) = mpsc::unbounded_channel();
+        let (barriers_tx, barriers) = mpsc::unbounded_channel();
         let rep = Self {
             node,
             prefix,
@@ -138,9 +143,10 @@ impl Replication {
             healthy: AtomicBool::new(true),
             fence: Mutex::new(CancellationToken::new()),
             presence: presence_tx,
+            barriers: barriers_tx,
             catch_up_timeout,
         };
-        (Arc::new(rep), ReplicationQueues { presence })
+        (Arc::new(rep), ReplicationQueues { presence, barriers })
     }
 
     /// The revision this node has applied (its totals reflect every change up to it).
@@ -249,7 +255,31 @@ impl Replication {
     /// Writes this node's barrier key and returns the revision etcd committed it at: every write
     /// committed before the call is at a lower revision, and this node's watch will deliver the
     /// barrier's event. Error: `UNAVAILABLE` when etcd does not take it.
+    ///
+    /// Barriers are coalesced: callers that queue while one write is in flight share the next
+    /// one (a reconnect storm of thousands of resumes costs a few writes, not thousands).
     pub async fn barrier(&self) -> Result<u64, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.barriers.send(tx).map_err(|_| self.unreachable("node stopping"))?;
+        rx.await.map_err(|_| self.unreachable("node stopping"))?
+    }
+
+    /// Answers queued barrier callers until the queue closes: takes every caller queued so far,
+    /// writes the barrier key once, answers them all with its revision.
+    pub async fn run_barriers(
+        self: Arc<Self>,
+        mut queue: mpsc::UnboundedReceiver<oneshot::Sender<Result<u64, Error>>>,
+    ) {
+        let mut waiting = Vec::new();
+        while queue.recv_many(&mut waiting, usize::MAX).await > 0 {
+            let result = self.write_barrier().await;
+            for w in waiting.drain(..) {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+
+    async fn write_barrier(&self) -> Result<u64, Error> {
         let key = keys::barrier(&self.prefix, &self.node);
         let mut kv = self.client.kv_client();
         let put = tokio::time::timeout(self.catch_up_timeout, kv.put(key, now_unix_ms().to_string(), None)).await;

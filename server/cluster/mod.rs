@@ -168,6 +168,7 @@ impl Aggregator {
             .await
             .map_err(|source| ClusterError::Etcd { endpoints: cluster.endpoints.join(","), source })?;
         tokio::spawn(feed::run(state, client, cluster.prefix.clone(), revision));
+        tokio::spawn(rep.clone().run_barriers(queues.barriers));
         commit::start(agg.clone(), d, rep.clone(), cluster.clone())?;
         tracing::info!(
             node = %cluster.node, revision, lease, registers = agg.shared().registers.len(),

@@ -12,23 +12,21 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crossbeam_utils::CachePadded;
 use tokio_util::sync::CancellationToken;
 
+pub use super::stats::Stats;
 use super::{
     audit::Audit,
     clock::Clock,
     curve::Curve,
-    durability::{
-        self, Durability,
-        record::{CurveRecord, Record},
-    },
+    durability::{self, Durability, record::Record},
     error::Error,
     installs::{Installs, is_install_desk},
     liveness::Liveness,
     registers::{Outcome, Register, RegisterKey, Registers},
     registry::Registry,
     replication::Replication,
+    stats::StatCounter,
     tally::Tallies,
 };
 use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch};
@@ -86,39 +84,6 @@ pub struct ReporterId {
     pub site: u32,
     /// Desk number.
     pub desk: u16,
-}
-
-const STAT_SHARDS: usize = 16;
-
-/// Sharded monotone counter for statistics (hot: bumped per report).
-struct StatCounter([CachePadded<AtomicU64>; STAT_SHARDS]);
-
-impl StatCounter {
-    fn new() -> Self {
-        Self(std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))))
-    }
-    #[inline]
-    fn add(&self, shard: u32, n: u64) {
-        self.0[shard as usize % STAT_SHARDS].fetch_add(n, Relaxed);
-    }
-    fn get(&self) -> u64 {
-        self.0.iter().map(|c| c.load(Relaxed)).sum()
-    }
-}
-
-/// Counters describing what the aggregator did since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Reports that changed a register.
-    pub applied: u64,
-    /// Stale or duplicate reports (no change).
-    pub unchanged: u64,
-    /// Rejected reports.
-    pub rejected: u64,
-    /// Batches received.
-    pub batches: u64,
-    /// Ingest streams open now.
-    pub streams_open: u64,
 }
 
 /// Everything the aggregator shares between streams.
@@ -411,47 +376,6 @@ impl Aggregator {
             code: err.code() as i32,
             message: super::limits::cut_message(err.to_string()),
             current,
-        }
-    }
-
-    /// Runs the periodic sweep (silence, over-capacity) and curve sampling until shutdown.
-    pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
-        let agg = self.clone();
-        tokio::spawn(async move {
-            let s = &agg.shared;
-            let period = s.config.sweep_interval.min(s.config.curve_bucket).max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = s.shutdown.cancelled() => break,
-                }
-                agg.sweep_now();
-            }
-        })
-    }
-
-    /// One sweep and one curve sample, now.
-    pub fn sweep_now(&self) {
-        let s = &self.shared;
-        let jump = s.config.clock.reanchor();
-        if jump != 0 {
-            tracing::warn!(jump_ms = jump, "the wall clock moved; displayed times follow it, durations do not");
-        }
-        s.liveness.sweep(s.config.clock.mono_ms(), &s.registry, &s.tallies);
-        let bucket = s.curve.bucket_start(s.config.clock.wall_ms());
-        let sample = Curve::read(&s.tallies, s.registry.provinces.len(), bucket);
-        // Curve first: a snapshot taken before the push must hold it (see `push`).
-        // Not in cluster mode: each node samples its own curve from the (replicated) rollups.
-        let record = s
-            .durability
-            .as_ref()
-            .filter(|_| s.replication.is_none())
-            .map(|_| Record::Curve(CurveRecord::from_sample(&s.registry, &sample)));
-        s.curve.push(sample);
-        if let (Some(d), Some(record)) = (&s.durability, record) {
-            d.push(record);
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod aggregator;
 pub mod audit;
 pub mod auth;
+pub mod background;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod registers;
 pub mod registry;
 pub mod replication;
 pub mod serve;
+pub mod stats;
 pub mod tally;
 pub mod tls;
 pub mod totals_service;

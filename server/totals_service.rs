@@ -147,6 +147,22 @@ impl Totals for TotalsService {
 /// Feeds one watcher: a snapshot at once, then on each tick the latest state if it changed.
 /// Only this task waits on a slow watcher; ingest never does. Ends with `UNAVAILABLE` when the
 /// aggregator shuts down, silently when the watcher goes away.
+/// Counts a watcher in `headcount_watchers` for as long as it lives, however its feed ends.
+struct WatcherGauge;
+
+impl WatcherGauge {
+    fn new() -> Self {
+        metrics::gauge!("headcount_watchers").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for WatcherGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("headcount_watchers").decrement(1.0);
+    }
+}
+
 async fn publish(
     agg: Aggregator,
     node: Node,
@@ -161,7 +177,7 @@ async fn publish(
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last: Option<(ScopeTotals, Vec<ScopeTotals>)> = None;
-    metrics::gauge!("headcount_watchers").increment(1.0);
+    let _watching = WatcherGauge::new();
     let mut sequence = 0;
     loop {
         tokio::select! {
@@ -187,7 +203,6 @@ async fn publish(
         last = Some((totals, kids));
         sequence += 1;
     }
-    metrics::gauge!("headcount_watchers").decrement(1.0);
     // Shut down: the watch ends with UNAVAILABLE (not OK, which would read as "nothing more
     // will ever change"). Waits for room in the channel; a watcher gone by then is fine.
     let _ = tx.send(Err(Status::unavailable("aggregator shutting down; watch again later"))).await;

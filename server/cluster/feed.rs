@@ -18,7 +18,6 @@ use std::{
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use prost::Message;
 use rustc_hash::FxHashMap;
-use tokio::sync::mpsc;
 
 use crate::{
     proto::v1::Correction,
@@ -31,8 +30,11 @@ use crate::{
 
 /// Keys per page of a listing.
 const PAGE: i64 = 5_000;
-/// Pause before a broken watch is re-established.
-const REWATCH_PAUSE: Duration = Duration::from_millis(200);
+/// First pause before a broken watch is re-established; doubles per failure in a row up to
+/// [`REWATCH_PAUSE_MAX`].
+const REWATCH_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between attempts.
+const REWATCH_PAUSE_MAX: Duration = Duration::from_secs(2);
 
 /// Streams that sites hold on OTHER nodes (from their `stream/` keys): a site with one is
 /// reporting on every node.
@@ -199,21 +201,15 @@ impl FeedState {
 }
 
 /// Watches from `revision + 1` until shutdown, applying every change; lists again after a
-/// compaction; answers progress requests (a reader waiting for a revision).
-pub async fn run(
-    mut state: FeedState,
-    client: Client,
-    prefix: String,
-    mut revision: u64,
-    mut progress: mpsc::Receiver<()>,
-) {
+/// compaction.
+pub async fn run(mut state: FeedState, client: Client, prefix: String, mut revision: u64) {
     let agg = state.agg.clone();
     let Some(rep) = agg.shared().replication.clone() else { return };
     let shutdown = agg.shared().shutdown.clone();
     let end = format!("{prefix}0");
+    let mut failures = 0u32;
     loop {
-        let options =
-            WatchOptions::new().with_range(end.clone()).with_start_revision(revision as i64 + 1).with_progress_notify();
+        let options = WatchOptions::new().with_range(end.clone()).with_start_revision(revision as i64 + 1);
         let mut watch_client = client.watch_client();
         let watched = tokio::select! {
             w = watch_client.watch(format!("{prefix}/"), Some(options)) => w,
@@ -222,8 +218,11 @@ pub async fn run(
         let mut stream = match watched {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, node = %rep.node, "cannot watch etcd; retrying");
-                if pause(&shutdown).await {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(error = %e, node = %rep.node, "cannot watch etcd; retrying with backoff");
+                }
+                if pause(&shutdown, failures).await {
                     return;
                 }
                 continue;
@@ -233,6 +232,7 @@ pub async fn run(
             tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(response)) => {
+                        failures = 0;
                         if response.compact_revision() > 0 || response.canceled() {
                             tracing::warn!(
                                 compacted = response.compact_revision(), reason = response.cancel_reason(),
@@ -249,12 +249,8 @@ pub async fn run(
                                 EventType::Delete => state.remote.delete(kv.key()),
                             }
                         }
-                        // A progress notification (no events) carries the store's revision.
-                        let seen = if response.events().is_empty() {
-                            response.header().map_or(0, |h| h.revision())
-                        } else {
-                            last
-                        };
+                        // Only events move the applied revision (see `Replication::wait_applied`).
+                        let seen = last;
                         if seen > 0 {
                             revision = revision.max(seen as u64);
                             rep.set_applied(revision);
@@ -266,13 +262,10 @@ pub async fn run(
                         break false;
                     }
                 },
-                Some(()) = progress.recv() => {
-                    let _ = stream.request_progress().await;
-                }
                 () = shutdown.cancelled() => return,
             }
         };
-        if pause(&shutdown).await {
+        if pause(&shutdown, failures).await {
             return;
         }
         if relist {
@@ -287,10 +280,11 @@ pub async fn run(
     }
 }
 
-/// Waits before retrying; true when shutting down.
-async fn pause(shutdown: &tokio_util::sync::CancellationToken) -> bool {
+/// Waits before retrying (longer after each failure in a row); true when shutting down.
+async fn pause(shutdown: &tokio_util::sync::CancellationToken, failures: u32) -> bool {
+    let wait = REWATCH_PAUSE.saturating_mul(1 << failures.min(5)).min(REWATCH_PAUSE_MAX);
     tokio::select! {
-        () = tokio::time::sleep(REWATCH_PAUSE) => false,
+        () = tokio::time::sleep(wait) => false,
         () = shutdown.cancelled() => true,
     }
 }

@@ -93,13 +93,16 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The etcd client's options: connect and request timeouts, HTTP/2 keepalive.
+    /// The etcd client's options: connect and request timeouts, HTTP/2 keepalive, and requests
+    /// refused by a member that has no leader (so a partitioned minority fails fast).
     pub fn connect_options(&self) -> ConnectOptions {
         ConnectOptions::new()
             .with_connect_timeout(self.request_timeout)
             .with_timeout(self.request_timeout)
             .with_keep_alive(Duration::from_secs(2), self.request_timeout)
             .with_keep_alive_while_idle(true)
+            // A member cut off from its leader answers at once instead of hanging.
+            .with_require_leader(true)
     }
 }
 
@@ -164,7 +167,8 @@ impl Aggregator {
         let lease = presence::start(&agg, &cluster, client.clone(), queues.presence, remote.clone())
             .await
             .map_err(|source| ClusterError::Etcd { endpoints: cluster.endpoints.join(","), source })?;
-        tokio::spawn(feed::run(state, client, cluster.prefix.clone(), revision, queues.progress));
+        tokio::spawn(feed::run(state, client, cluster.prefix.clone(), revision));
+        tokio::spawn(rep.clone().run_barriers(queues.barriers));
         commit::start(agg.clone(), d, rep.clone(), cluster.clone())?;
         tracing::info!(
             node = %cluster.node, revision, lease, registers = agg.shared().registers.len(),

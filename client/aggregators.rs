@@ -99,6 +99,12 @@ impl Aggregators {
         Self(Arc::new([Aggregator { url: "the aggregator".into(), channel }]))
     }
 
+    /// These aggregators, in order (e.g. channels shared by many simulated sites); None when
+    /// `list` is empty.
+    pub fn from_list(list: Vec<Aggregator>) -> Option<Self> {
+        (!list.is_empty()).then(|| Self(list.into()))
+    }
+
     /// How many there are (at least 1).
     pub fn len(&self) -> usize {
         self.0.len()

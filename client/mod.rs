@@ -16,6 +16,7 @@ pub mod provision;
 pub mod queries;
 pub mod simulate;
 pub mod simulate_badges;
+pub mod simulate_cluster;
 pub mod site;
 pub mod site_config;
 pub mod watch;

@@ -83,6 +83,15 @@ pub struct SimulateArgs {
     /// sending head counts (the throughput model).
     #[arg(long)]
     pub badges: bool,
+    /// Cluster mode: run N aggregator nodes (`headcount-server` processes) over etcd instead of
+    /// one in-process aggregator, spread the sites over them (each agent given every node's
+    /// address, its own first), kill -9 one node in the middle, and check every level on every
+    /// node, the killed one restarted (see `simulate_cluster`). Needs `--etcd` or an installed `etcd`.
+    #[arg(long, value_name = "N")]
+    pub cluster: Option<u32>,
+    /// With --cluster: etcd client URLs to use (default: a local 3-member etcd started for the run).
+    #[arg(long, value_delimiter = ',', requires = "cluster")]
+    pub etcd: Vec<String>,
     /// Print the final report as JSON (and no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -121,6 +130,8 @@ impl Default for SimulateArgs {
             http_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             no_http: false,
             serve_after: false,
+            cluster: None,
+            etcd: Vec::new(),
         }
     }
 }
@@ -178,6 +189,9 @@ pub struct SimulationReport {
     pub mismatches: Vec<String>,
     /// Number of mismatches.
     pub mismatch_count: usize,
+    /// Cluster mode (`--cluster`): the nodes, the one killed, and those verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<super::simulate_cluster::ClusterOutcome>,
 }
 
 impl SimulationReport {
@@ -188,24 +202,24 @@ impl SimulationReport {
 }
 
 /// One desk's plan.
-struct DeskPlan {
-    site: u32,
-    desk: u32,
+pub(super) struct DeskPlan {
+    pub(super) site: u32,
+    pub(super) desk: u32,
     /// Check-ins per session index.
-    totals: Vec<u32>,
+    pub(super) totals: Vec<u32>,
     /// Extra badges scanned twice then corrected away, per session index (0: none).
-    correction: Option<(usize, u32)>,
+    pub(super) correction: Option<(usize, u32)>,
 }
 
 /// Ground truth and plans.
-struct Plan {
-    desks: Vec<DeskPlan>,
+pub(super) struct Plan {
+    pub(super) desks: Vec<DeskPlan>,
     /// expected[site][session] check-ins.
-    expected: Vec<Vec<i64>>,
-    silent: Vec<u32>,
+    pub(super) expected: Vec<Vec<i64>>,
+    pub(super) silent: Vec<u32>,
 }
 
-fn plan(registry: &Registry, args: &SimulateArgs, rng: &mut ChaCha8Rng) -> Plan {
+pub(super) fn plan(registry: &Registry, args: &SimulateArgs, rng: &mut ChaCha8Rng) -> Plan {
     let sessions = registry.sessions.len();
     let session_factor = [0.97, 0.91, 0.94, 0.86];
     let mut order: Vec<u32> = (0..registry.sites.len() as u32).collect();
@@ -252,6 +266,9 @@ fn arrived(x: f64) -> f64 {
 
 /// Runs the simulation against an in-process aggregator on 127.0.0.1.
 pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError> {
+    if let Some(nodes) = args.cluster {
+        return super::simulate_cluster::run(args, nodes).await;
+    }
     if args.sites == 0 || args.ticks_per_second == 0 || args.sites_per_connection == 0 {
         return Err(SimulateError::Args("--sites, --ticks-per-second and --sites-per-connection must be > 0".into()));
     }
@@ -461,6 +478,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         totals_checked: checked,
         mismatch_count: mismatches.len(),
         mismatches: mismatches.into_iter().take(20).collect(),
+        cluster: None,
     };
     if args.serve_after {
         // The verdict now; the caller does not print it again.
@@ -486,7 +504,11 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
 /// connection than the aggregator admits, more open files (both ends of every connection live in
 /// this process) than `RLIMIT_NOFILE` allows after raising the soft limit to the hard one, more
 /// connections than ephemeral ports.
-fn check_limits(args: &SimulateArgs, registry: &Registry, transport: &Transport) -> Result<(), SimulateError> {
+pub(super) fn check_limits(
+    args: &SimulateArgs,
+    registry: &Registry,
+    transport: &Transport,
+) -> Result<(), SimulateError> {
     let per_conn = if args.connection_per_site { 1 } else { args.sites_per_connection as usize };
     let busiest = registry
         .sites
@@ -524,7 +546,7 @@ fn check_limits(args: &SimulateArgs, registry: &Registry, transport: &Transport)
 /// Feeds one desk's arrivals to its reporter on each tick, session after session.
 /// Returns whether it performed a correction.
 #[allow(clippy::too_many_arguments)]
-async fn drive_desk(
+pub(super) async fn drive_desk(
     reporter: Arc<Reporter>,
     sessions: Vec<u32>,
     totals: Vec<u32>,
@@ -566,7 +588,7 @@ async fn drive_desk(
 }
 
 /// Shows the aggregator's live national total (from a Watch stream) next to the progress bar.
-async fn watch_national(channel: Channel, token: String, bar: ProgressBar, progress: Arc<AtomicU64>) {
+pub(super) async fn watch_national(channel: Channel, token: String, bar: ProgressBar, progress: Arc<AtomicU64>) {
     let mut client = TotalsClient::new(channel);
     let Ok(req) = authorized(WatchRequest { scope: None, session: None, include_children: false }, &token) else {
         return;
@@ -588,7 +610,7 @@ async fn watch_national(channel: Channel, token: String, bar: ProgressBar, progr
 }
 
 /// Compares every level's totals (per session and all sessions) with the ground truth.
-async fn verify(
+pub(super) async fn verify(
     channel: Channel,
     token: &str,
     registry: &Registry,
@@ -673,6 +695,9 @@ pub fn print_report(r: &SimulationReport, out: &mut impl std::io::Write) {
         r.reports_rejected
     );
     let _ = writeln!(out, "Reconnects: {}. Corrections: {}.", r.reconnects, r.corrections);
+    if let Some(c) = &r.cluster {
+        super::simulate_cluster::print(c, out);
+    }
     if r.exact() {
         let _ = writeln!(
             out,

@@ -46,7 +46,8 @@ pub struct ClusterConfig {
     pub flush_records: usize,
     /// Timeout of each etcd request (commits, claims, catch-up reads).
     pub request_timeout: Duration,
-    /// Registers per etcd transaction (etcd's `--max-txn-ops`, default 128, bounds it).
+    /// Registers per etcd transaction: at most etcd's `--max-txn-ops` − 2 (126 by default; each
+    /// compare-and-set nests two transactions, and etcd counts nested operations against it).
     pub txn_registers: usize,
 }
 
@@ -61,7 +62,11 @@ impl ClusterConfig {
             flush_interval: Duration::from_millis(2),
             flush_records: 8192,
             request_timeout: Duration::from_secs(3),
-            txn_registers: 128,
+            // etcd charges a nested transaction against what its parent left: n compare-and-sets
+            // (each a txn holding a txn) need n + 2 ≤ --max-txn-ops (default 128). At 128 a
+            // group of 127+ changed registers was refused ("too many operations in txn
+            // request") on every retry: nothing was acknowledged again.
+            txn_registers: 126,
         }
     }
 

@@ -33,6 +33,10 @@ pub struct SideReport {
     pub saturate_etcd_writes_per_second: f64,
     /// Saturate: keys etcd stored per second.
     pub saturate_etcd_keys_put_per_second: f64,
+    /// Saturate: etcd leader elections (each stalls acknowledgements for an election timeout).
+    pub saturate_etcd_leader_changes: u64,
+    /// Saturate: CPU of the etcd members, cores.
+    pub saturate_etcd_cpu_cores: f64,
     /// Saturate: journal group commits per second (single node).
     pub saturate_journal_flushes_per_second: f64,
     /// Saturate: server CPU, cores, summed over the nodes.
@@ -51,6 +55,10 @@ pub struct SideReport {
     pub paced_etcd_writes_per_second: f64,
     /// Paced: keys etcd stored per second.
     pub paced_etcd_keys_put_per_second: f64,
+    /// Paced: etcd leader elections.
+    pub paced_etcd_leader_changes: u64,
+    /// Paced: CPU of the etcd members, cores.
+    pub paced_etcd_cpu_cores: f64,
     /// Paced: journal group commits per second (single node).
     pub paced_journal_flushes_per_second: f64,
     /// Paced: node A's ack → node B answering at that revision.
@@ -63,6 +71,8 @@ impl SideReport {
         self.saturate_ack = saturate.ack;
         self.saturate_etcd_writes_per_second = saturate.etcd_writes_per_second;
         self.saturate_etcd_keys_put_per_second = saturate.etcd_keys_put_per_second;
+        self.saturate_etcd_leader_changes = saturate.etcd_leader_changes;
+        self.saturate_etcd_cpu_cores = saturate.etcd_cpu_cores;
         self.saturate_journal_flushes_per_second = saturate.journal_flushes_per_second;
         self.saturate_server_cpu_cores = saturate.server_cpu_cores;
         self.saturate_watch_lag = saturate.watch_lag;
@@ -72,6 +82,8 @@ impl SideReport {
         self.paced_unacknowledged = paced.unacknowledged;
         self.paced_etcd_writes_per_second = paced.etcd_writes_per_second;
         self.paced_etcd_keys_put_per_second = paced.etcd_keys_put_per_second;
+        self.paced_etcd_leader_changes = paced.etcd_leader_changes;
+        self.paced_etcd_cpu_cores = paced.etcd_cpu_cores;
         self.paced_journal_flushes_per_second = paced.journal_flushes_per_second;
         self.paced_watch_lag = paced.watch_lag;
     }
@@ -131,7 +143,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs) -> Result<ClusterReport, Be
     let paced = phase(ctx, args, &side, Some(args.rate())).await?;
     out.cluster = SideReport { nodes: NODES as u32, etcd_members: etcd.len() as u32, ..Default::default() };
     out.cluster.set(saturate, paced, args.rate());
-    out.reference_peak = reference_peak(ctx, args, &nodes).await?;
+    out.reference_peak = reference_peak(ctx, args, &nodes, &etcd).await?;
     out.failover = failover(ctx, args, &mut nodes).await?;
     drop(nodes);
     drop(etcd);
@@ -164,6 +176,11 @@ pub fn print(r: &ClusterReport, out: &mut impl std::io::Write) {
     );
     row("saturate: journal commits/s", num(a.saturate_journal_flushes_per_second, true), "-".into());
     row(
+        "saturate: etcd leader changes, CPU cores",
+        "-".into(),
+        format!("{}, {:.2}", b.saturate_etcd_leader_changes, b.saturate_etcd_cpu_cores),
+    );
+    row(
         "saturate: server CPU cores",
         format!("{:.2}", a.saturate_server_cpu_cores),
         format!("{:.2}", b.saturate_server_cpu_cores),
@@ -182,13 +199,18 @@ pub fn print(r: &ClusterReport, out: &mut impl std::io::Write) {
         format!("{:.0} ({:.0})", b.paced_etcd_writes_per_second, b.paced_etcd_keys_put_per_second),
     );
     row("paced: journal commits/s", num(a.paced_journal_flushes_per_second, true), "-".into());
+    row(
+        "paced: etcd leader changes, CPU cores",
+        "-".into(),
+        format!("{}, {:.2}", b.paced_etcd_leader_changes, b.paced_etcd_cpu_cores),
+    );
     row("paced: watch lag A→B p50 / p99 ms", lag(&a.paced_watch_lag), lag(&b.paced_watch_lag));
     let p = &r.reference_peak;
     let _ = writeln!(
         out,
         "reference peak on the cluster (1.5 M check-ins / 30 min = {:.0}/s mean, wave up to ×{:.1}, {} site agents, {:.0} s): \
          {} check-ins, ack p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms (target p99 ≤ {PEAK_P99_TARGET_MS:.0} ms: {}), \
-         exact on {} of {} nodes",
+         exact on {} of {} nodes; nodes {:.2} cores, etcd {:.2} cores, {} etcd leader changes",
         p.offered_per_second,
         p.peak_factor,
         p.agents,
@@ -199,7 +221,10 @@ pub fn print(r: &ClusterReport, out: &mut impl std::io::Write) {
         p.ack.p999_ms,
         if p.ack.p99_ms <= PEAK_P99_TARGET_MS { "met" } else { "MISSED" },
         p.nodes_exact,
-        b.nodes
+        b.nodes,
+        p.server_cpu_cores,
+        p.etcd_cpu_cores,
+        p.etcd_leader_changes
     );
     let f = &r.failover;
     let _ = writeln!(

@@ -10,6 +10,7 @@ use tonic::{Code, transport::Channel};
 use super::{
     BenchArgs, BenchError, Ctx,
     agents::drive as drive_agent,
+    cluster_load::{etcd_counters, interleaved},
     latency::{Latency, Samples, histogram, summarize},
     process::ServerProcess,
     schedule::Burst,
@@ -17,6 +18,7 @@ use super::{
 };
 use crate::{
     client::{
+        cluster::etcd::LocalEtcd,
         connect::endpoint_with,
         reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
     },
@@ -57,6 +59,13 @@ pub struct PeakReport {
     pub ack: Latency,
     /// Nodes whose national total of the session equals the check-ins made (must be all).
     pub nodes_exact: u32,
+    /// etcd leader elections during the peak (each stalls acknowledgements for about an
+    /// election timeout).
+    pub etcd_leader_changes: u64,
+    /// CPU of the etcd members during the peak, cores.
+    pub etcd_cpu_cores: f64,
+    /// CPU of the aggregator nodes during the peak, cores.
+    pub server_cpu_cores: f64,
 }
 
 /// The failover of a killed node's sites.
@@ -76,18 +85,6 @@ pub struct FailoverReport {
     pub per_stream: Latency,
     /// Surviving nodes whose national total of the session is exact afterwards (must be all).
     pub survivors_exact: u32,
-}
-
-/// Channels to every node, interleaved (stream i on `chans[i % len]` is on node i mod N).
-pub(super) fn interleaved(ctx: &Ctx, args: &BenchArgs, urls: &[String]) -> Result<Vec<Channel>, BenchError> {
-    let per_node = (args.effective_connections() as usize).div_ceil(urls.len()).max(1);
-    let mut chans = Vec::with_capacity(per_node * urls.len());
-    for _ in 0..per_node {
-        for u in urls {
-            chans.push(endpoint_with(u, &ctx.connect)?.connect_lazy());
-        }
-    }
-    Ok(chans)
 }
 
 /// National total of `session` on the node at `url`, once it has applied `min_revision`.
@@ -125,6 +122,7 @@ pub(super) async fn reference_peak(
     ctx: &Ctx,
     args: &BenchArgs,
     servers: &[ServerProcess],
+    etcd: &LocalEtcd,
 ) -> Result<PeakReport, BenchError> {
     let urls: Vec<String> = servers.iter().map(ServerProcess::url).collect();
     let chans = interleaved(ctx, args, &urls)?;
@@ -154,6 +152,9 @@ pub(super) async fn reference_peak(
     let mean = Duration::from_secs_f64(reporters.len() as f64 / REFERENCE_RATE);
     let burst = Burst::new(args.peak_factor, args.duration);
     let stopped = tokio_util::sync::CancellationToken::new();
+    let etcd_before = etcd_counters(Some(etcd)).await?;
+    let cpu = || servers.iter().map(ServerProcess::cpu_seconds).sum::<f64>();
+    let cpu_before = cpu();
     let started = Instant::now();
     let mut set = JoinSet::new();
     for r in &reporters {
@@ -171,6 +172,8 @@ pub(super) async fn reference_peak(
         misses += o.samples.merge_into(&mut h);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let etcd_after = etcd_counters(Some(etcd)).await?;
+    let server_cpu_cores = (cpu() - cpu_before) / seconds;
     drop(reporters);
     let expected = before + check_ins as i64;
     let nodes_exact = nodes_showing(ctx, &urls, session, 0, expected).await;
@@ -183,6 +186,9 @@ pub(super) async fn reference_peak(
         unacknowledged,
         ack: summarize(&h, misses),
         nodes_exact,
+        etcd_leader_changes: (etcd_after.leader_changes - etcd_before.leader_changes) as u64,
+        etcd_cpu_cores: (etcd_after.cpu_seconds - etcd_before.cpu_seconds) / seconds,
+        server_cpu_cores,
     };
     if unacknowledged > 0 || nodes_exact != urls.len() as u32 {
         return Err(BenchError::Mismatch(format!(

@@ -18,7 +18,6 @@ use tonic::transport::Channel;
 
 use super::{
     BenchArgs, BenchError, Ctx,
-    cluster_faults::interleaved,
     latency::{Latency, Samples, histogram, summarize},
     load::{DRAIN, drive},
     probes::{join_thread, on_own_thread},
@@ -55,14 +54,52 @@ pub(super) struct PhaseFigures {
     pub(super) unacknowledged: u64,
     pub(super) etcd_writes_per_second: f64,
     pub(super) etcd_keys_put_per_second: f64,
+    pub(super) etcd_leader_changes: u64,
+    pub(super) etcd_cpu_cores: f64,
     pub(super) journal_flushes_per_second: f64,
     pub(super) watch_lag: Latency,
     pub(super) server_cpu_cores: f64,
 }
 
-/// etcd's cumulative write counters of one member: (raft proposals committed, keys put).
-async fn etcd_counters(etcd: Option<&LocalEtcd>) -> Result<(f64, f64), BenchError> {
-    let Some(etcd) = etcd else { return Ok((0.0, 0.0)) };
+/// etcd's cumulative counters, read from member 0's `/metrics` (every member applies every
+/// write) and the members' `/proc`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct EtcdCounters {
+    /// Raft proposals committed: one per write request (transaction, put, lease grant).
+    pub(super) writes: f64,
+    /// Keys stored (each put of a transaction counts).
+    pub(super) keys_put: f64,
+    /// Leader changes member 0 has seen: each stalls writes for about an election timeout.
+    pub(super) leader_changes: f64,
+    /// CPU seconds (user + system) of every member.
+    pub(super) cpu_seconds: f64,
+}
+
+/// CPU seconds (user + system) used so far by process `pid` (0 when it is gone).
+pub(super) fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th overall.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Channels to every node, interleaved (stream i on `chans[i % len]` is on node i mod N).
+pub(super) fn interleaved(ctx: &Ctx, args: &BenchArgs, urls: &[String]) -> Result<Vec<Channel>, BenchError> {
+    let per_node = (args.effective_connections() as usize).div_ceil(urls.len()).max(1);
+    let mut chans = Vec::with_capacity(per_node * urls.len());
+    for _ in 0..per_node {
+        for u in urls {
+            chans.push(endpoint_with(u, &ctx.connect)?.connect_lazy());
+        }
+    }
+    Ok(chans)
+}
+
+/// etcd's counters now (all zero without etcd).
+pub(super) async fn etcd_counters(etcd: Option<&LocalEtcd>) -> Result<EtcdCounters, BenchError> {
+    let Some(etcd) = etcd else { return Ok(EtcdCounters::default()) };
     let url = etcd.endpoint(0);
     let addr = url.trim_start_matches("http://").to_owned();
     let body = tokio::time::timeout(Duration::from_secs(5), async {
@@ -80,7 +117,12 @@ async fn etcd_counters(etcd: Option<&LocalEtcd>) -> Result<(f64, f64), BenchErro
             .and_then(|v| v.trim().parse::<f64>().ok())
             .ok_or_else(|| BenchError::Mismatch(format!("etcd at {url}/metrics has no {name}")))
     };
-    Ok((metric("etcd_server_proposals_committed_total")?, metric("etcd_mvcc_put_total")?))
+    Ok(EtcdCounters {
+        writes: metric("etcd_server_proposals_committed_total")?,
+        keys_put: metric("etcd_mvcc_put_total")?,
+        leader_changes: metric("etcd_server_leader_changes_seen_total")?,
+        cpu_seconds: (0..etcd.len()).filter_map(|i| etcd.pid(i)).map(cpu_seconds_of).sum(),
+    })
 }
 
 /// Runs saturate (`rate` None) or paced load for `--duration` over `--streams` streams spread
@@ -184,8 +226,10 @@ pub(super) async fn phase(
         applied_per_second: applied as f64 / seconds,
         ack: summarize(&h, misses),
         unacknowledged,
-        etcd_writes_per_second: (etcd_after.0 - etcd_before.0) / seconds,
-        etcd_keys_put_per_second: (etcd_after.1 - etcd_before.1) / seconds,
+        etcd_writes_per_second: (etcd_after.writes - etcd_before.writes) / seconds,
+        etcd_keys_put_per_second: (etcd_after.keys_put - etcd_before.keys_put) / seconds,
+        etcd_leader_changes: (etcd_after.leader_changes - etcd_before.leader_changes) as u64,
+        etcd_cpu_cores: (etcd_after.cpu_seconds - etcd_before.cpu_seconds) / seconds,
         journal_flushes_per_second: if side.etcd.is_none() {
             (flushes_after - flushes_before) as f64 / seconds
         } else {

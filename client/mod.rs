@@ -1,6 +1,7 @@
 //! Client side: the site agent library ([`reporter`]) and binary logic ([`site`], [`desk`]), the dashboard
 //! tools ([`dashboard`]) and the national simulation ([`simulate`]).
 
+pub mod aggregators;
 pub mod bench;
 pub mod connect;
 pub mod credentials;

@@ -1,10 +1,13 @@
 //! One-shot read commands of the dashboard CLI: `totals --order --limit --csv`, `silent`,
 //! `curve` and `corrections`, each as a table, `--json`, or (totals) CSV for spreadsheets.
+//! Given several aggregator addresses, each command asks the next when one cannot be reached
+//! ([`on_first_answering`]).
 
 use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::{
+    aggregators::{self, Aggregators},
     connect::authorized,
     dashboard::{DashboardError, TotalsView, summary_line, table, thousands},
 };
@@ -254,4 +257,26 @@ pub async fn corrections(
         .map_err(write_err)?;
     }
     Ok(())
+}
+
+/// Runs a one-shot query on the first aggregator, and on the next ones while it fails with a
+/// status another node may not give (unreachable, timed out, reset: see
+/// [`aggregators::try_next`]); a permanent refusal (token, scope) or a local error (output)
+/// ends it at once. Errors: that refusal, or the last address's error when none answered.
+pub async fn on_first_answering<T>(
+    aggregators: &Aggregators,
+    mut query: impl AsyncFnMut(Channel) -> Result<T, DashboardError>,
+) -> Result<T, DashboardError> {
+    let mut last = None;
+    for (i, a) in aggregators.iter().enumerate() {
+        match query(a.channel.clone()).await {
+            Err(DashboardError::Status(s)) if aggregators::try_next(&s) && i + 1 < aggregators.len() => {
+                let to = &aggregators.get(i + 1).url;
+                tracing::warn!(from = %a.url, to = %to, code = ?s.code(), message = s.message(), "next aggregator");
+                last = Some(DashboardError::Status(s));
+            }
+            r => return r,
+        }
+    }
+    Err(last.unwrap_or(DashboardError::Status(tonic::Status::unavailable("no aggregator address"))))
 }

@@ -5,6 +5,8 @@
 //!
 //! ```toml
 //! server = "https://aggregator.example.vn:50051"
+//! # several aggregator nodes (cluster mode): a list, or one string with commas
+//! # server = ["https://a.example.vn:50051", "https://b.example.vn:50051"]
 //! site = "S00042"
 //! desks = 2                 # how many desks the site has (informational)
 //! desk = 1                  # this install's desk
@@ -24,7 +26,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
-    /// Aggregator URL (`--server`).
+    /// Aggregator URL (`--server`), or several comma-separated. In the file also a list of
+    /// strings (joined with commas here).
+    #[serde(default, deserialize_with = "one_or_list")]
     pub server: Option<String>,
     /// Site id (`--site`).
     pub site: Option<String>,
@@ -42,6 +46,24 @@ pub struct SiteConfig {
     pub state_file: Option<PathBuf>,
     /// Session (`--session`).
     pub session: Option<u32>,
+}
+
+/// `server = "URL"`, `server = "URL,URL"` or `server = ["URL", "URL"]` → the `--server` value.
+fn one_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Server {
+        One(String),
+        List(Vec<String>),
+    }
+    Ok(match Option::<Server>::deserialize(d)? {
+        None => None,
+        Some(Server::One(s)) => Some(s),
+        Some(Server::List(l)) if l.is_empty() => {
+            return Err(serde::de::Error::custom("server: the list is empty; give at least one aggregator URL"));
+        }
+        Some(Server::List(l)) => Some(l.join(",")),
+    })
 }
 
 /// Why a config file cannot be used.
@@ -134,4 +156,24 @@ pub fn expand(args: Vec<OsString>, has_flag: impl Fn(&str) -> bool) -> Result<Ve
     }
     out.extend(rest.iter().cloned());
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_is_one_url_a_comma_string_or_a_list() {
+        let one: SiteConfig = toml::from_str(r#"server = "https://a:50051""#).expect("one URL");
+        assert_eq!(one.server.as_deref(), Some("https://a:50051"));
+        let list: SiteConfig =
+            toml::from_str(r#"server = ["https://a:50051", "https://b:50051"]"#).expect("a list of URLs");
+        assert_eq!(list.server.as_deref(), Some("https://a:50051,https://b:50051"));
+        let flags = list.flags(Path::new(".")).expect("flags");
+        assert_eq!(flags[0], ("server", OsString::from("https://a:50051,https://b:50051")));
+        let none: SiteConfig = toml::from_str(r#"site = "S1""#).expect("no server");
+        assert_eq!(none.server, None);
+        let empty = toml::from_str::<SiteConfig>("server = []").expect_err("an empty list");
+        assert!(empty.to_string().contains("at least one"), "{empty}");
+    }
 }

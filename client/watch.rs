@@ -3,14 +3,20 @@
 //! most 120 s); refusals that retrying cannot fix (token, scope) end it with an error. On a
 //! terminal each update redraws the previous one in place; piped, updates are appended as lines
 //! (or JSON lines) and connection notes go to the notes writer (standard error).
+//!
+//! Given several aggregator addresses ([`run_with`]), it watches on one and moves to the next
+//! when the stream cannot be opened or ends: after a stream that was open, with the backoff as
+//! above; after a failed opening, at once while the round has addresses not yet tried, and with
+//! the backoff once every address has failed.
 
 use std::{io::Write, time::Duration};
 
 use serde::Serialize;
 use tokio::time::Instant;
-use tonic::{Code, transport::Channel};
+use tonic::transport::Channel;
 
 use super::{
+    aggregators::{Aggregators, permanent},
     connect::authorized,
     dashboard::{DashboardError, TotalsView, summary_line, table},
     reporter::backoff::{Backoff, BackoffConfig},
@@ -48,7 +54,20 @@ pub async fn run(
     out: &mut impl Write,
     notes: &mut impl Write,
 ) -> Result<(), DashboardError> {
-    let mut client = TotalsClient::new(channel);
+    run_with(&Aggregators::single(channel), token, opts, out, notes).await
+}
+
+/// [`run`] over several aggregator addresses, starting on the first (see the module docs). A
+/// permanent refusal ends it on the address that gave it; it does not move on.
+pub async fn run_with(
+    aggregators: &Aggregators,
+    token: &str,
+    opts: &WatchOptions,
+    out: &mut impl Write,
+    notes: &mut impl Write,
+) -> Result<(), DashboardError> {
+    let clients: Vec<_> = aggregators.iter().map(|a| TotalsClient::new(a.channel.clone())).collect();
+    let (mut current, mut failed_in_round) = (0usize, 0usize);
     let deadline = opts.duration.map(|d| Instant::now() + d);
     let mut backoff = Backoff::new(opts.backoff);
     let mut printed = 0u64;
@@ -63,6 +82,7 @@ pub async fn run(
             },
             token,
         )?;
+        let mut client = clients[current].clone();
         let opened = match deadline {
             Some(d) => match tokio::time::timeout_at(d, client.watch(req)).await {
                 Ok(r) => r,
@@ -70,10 +90,13 @@ pub async fn run(
             },
             None => client.watch(req).await,
         };
-        let why = match opened {
+        let url = &aggregators.get(current).url;
+        let mut why = match opened {
             Ok(resp) => {
+                failed_in_round = 0;
                 if lost.take().is_some() {
-                    let _ = writeln!(notes, "watch: reconnected to the aggregator");
+                    let to = if clients.len() > 1 { url.as_str() } else { "the aggregator" };
+                    let _ = writeln!(notes, "watch: reconnected to {to}");
                     drawn_lines = 0;
                 }
                 let mut stream = resp.into_inner();
@@ -101,10 +124,31 @@ pub async fn run(
                 }
             }
             Err(s) if permanent(s.code()) => return Err(s.into()),
-            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+            Err(s) => {
+                failed_in_round += 1;
+                format!("{:?}: {}", s.code(), s.message())
+            }
         };
-        let delay = backoff.next_delay();
-        let _ = writeln!(notes, "watch: connection lost ({why}); reconnecting in {:.1} s", delay.as_secs_f64());
+        let mut next = String::new();
+        let delay = if clients.len() > 1 {
+            let from = current;
+            current = (current + 1) % clients.len();
+            let to = &aggregators.get(current).url;
+            tracing::warn!(from = %aggregators.get(from).url, to = %to, reason = %why, "watch: next aggregator");
+            next = format!(" to {to}");
+            why = format!("{}: {why}", aggregators.get(from).url);
+            // After a stream that was open, the backoff as with one address (no tight loop over
+            // nodes that accept and then end streams).
+            if failed_in_round == 0 || failed_in_round >= clients.len() {
+                failed_in_round = 0;
+                backoff.next_delay()
+            } else {
+                std::time::Duration::ZERO
+            }
+        } else {
+            backoff.next_delay()
+        };
+        let _ = writeln!(notes, "watch: connection lost ({why}); reconnecting{next} in {:.1} s", delay.as_secs_f64());
         let _ = notes.flush();
         lost = Some(why);
         let wake = Instant::now() + delay;
@@ -113,10 +157,6 @@ pub async fn run(
         }
         tokio::time::sleep_until(wake).await;
     }
-}
-
-fn permanent(code: Code) -> bool {
-    matches!(code, Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument)
 }
 
 /// Prints one update; returns how many lines it drew (for the next redraw).

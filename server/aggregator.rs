@@ -12,22 +12,21 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crossbeam_utils::CachePadded;
 use tokio_util::sync::CancellationToken;
 
+pub use super::stats::Stats;
 use super::{
     audit::Audit,
     clock::Clock,
     curve::Curve,
-    durability::{
-        self, Durability,
-        record::{CurveRecord, Record},
-    },
+    durability::{self, Durability, record::Record},
     error::Error,
     installs::{Installs, is_install_desk},
     liveness::Liveness,
     registers::{Outcome, Register, RegisterKey, Registers},
     registry::Registry,
+    replication::Replication,
+    stats::StatCounter,
     tally::Tallies,
 };
 use crate::proto::v1::{Ack, Correction, RegisterState, Rejection, Report, ReportBatch};
@@ -87,39 +86,6 @@ pub struct ReporterId {
     pub desk: u16,
 }
 
-const STAT_SHARDS: usize = 16;
-
-/// Sharded monotone counter for statistics (hot: bumped per report).
-struct StatCounter([CachePadded<AtomicU64>; STAT_SHARDS]);
-
-impl StatCounter {
-    fn new() -> Self {
-        Self(std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))))
-    }
-    #[inline]
-    fn add(&self, shard: u32, n: u64) {
-        self.0[shard as usize % STAT_SHARDS].fetch_add(n, Relaxed);
-    }
-    fn get(&self) -> u64 {
-        self.0.iter().map(|c| c.load(Relaxed)).sum()
-    }
-}
-
-/// Counters describing what the aggregator did since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Reports that changed a register.
-    pub applied: u64,
-    /// Stale or duplicate reports (no change).
-    pub unchanged: u64,
-    /// Rejected reports.
-    pub rejected: u64,
-    /// Batches received.
-    pub batches: u64,
-    /// Ingest streams open now.
-    pub streams_open: u64,
-}
-
 /// Everything the aggregator shares between streams.
 pub struct Shared {
     /// The immutable registry.
@@ -146,8 +112,11 @@ pub struct Shared {
     pub streams_open: AtomicU64,
     /// Cancelled when the aggregator shuts down; streams and watchers end with it.
     pub shutdown: CancellationToken,
-    /// The journal, unless running in memory only.
+    /// The journal (or, in cluster mode, the etcd committer's flush numbers), unless running in
+    /// memory only.
     pub durability: Option<Arc<Durability>>,
+    /// Cluster mode: revisions, fence, install claims (None on a single node).
+    pub replication: Option<Arc<Replication>>,
 }
 
 /// Handle to the aggregator.
@@ -164,7 +133,7 @@ pub fn now_ms() -> i64 {
 impl Aggregator {
     /// A fresh in-memory aggregator (all registers zero): everything is lost on exit.
     pub fn new(registry: Registry, config: AggregatorConfig) -> Self {
-        Self::build(registry, config, None)
+        Self::build(registry, config, None, None)
     }
 
     /// Flushes, writes a final snapshot and stops the journal (blocking; no-op in memory).
@@ -179,7 +148,12 @@ impl Aggregator {
         self.shared.durability.as_ref().map(|d| d.target())
     }
 
-    pub(crate) fn build(registry: Registry, config: AggregatorConfig, durability: Option<Arc<Durability>>) -> Self {
+    pub(crate) fn build(
+        registry: Registry,
+        config: AggregatorConfig,
+        durability: Option<Arc<Durability>>,
+        replication: Option<Arc<Replication>>,
+    ) -> Self {
         let tallies = Tallies::new(&registry);
         let liveness = Liveness::new(registry.sites.len(), config.silent_after.as_millis() as i64);
         let curve = Curve::new(config.curve_bucket.as_millis() as i64, config.curve_capacity);
@@ -202,6 +176,7 @@ impl Aggregator {
                 streams_open: AtomicU64::new(0),
                 shutdown: CancellationToken::new(),
                 durability,
+                replication,
             }),
         }
     }
@@ -377,7 +352,11 @@ impl Aggregator {
             unix_ms: s.config.clock.wall_ms(),
         };
         // Audit first: a snapshot taken before the push must hold it (see `Durability::push`).
-        s.audit.record(c.clone());
+        // In cluster mode the trail is etcd's: every node (this one too) adds it from the watch,
+        // in revision order.
+        if s.replication.is_none() {
+            s.audit.record(c.clone());
+        }
         if let Some(d) = &s.durability {
             durability::failpoints::crash_point("correction-before-journal");
             d.push(Record::Correction(c));
@@ -397,42 +376,6 @@ impl Aggregator {
             code: err.code() as i32,
             message: super::limits::cut_message(err.to_string()),
             current,
-        }
-    }
-
-    /// Runs the periodic sweep (silence, over-capacity) and curve sampling until shutdown.
-    pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
-        let agg = self.clone();
-        tokio::spawn(async move {
-            let s = &agg.shared;
-            let period = s.config.sweep_interval.min(s.config.curve_bucket).max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = s.shutdown.cancelled() => break,
-                }
-                agg.sweep_now();
-            }
-        })
-    }
-
-    /// One sweep and one curve sample, now.
-    pub fn sweep_now(&self) {
-        let s = &self.shared;
-        let jump = s.config.clock.reanchor();
-        if jump != 0 {
-            tracing::warn!(jump_ms = jump, "the wall clock moved; displayed times follow it, durations do not");
-        }
-        s.liveness.sweep(s.config.clock.mono_ms(), &s.registry, &s.tallies);
-        let bucket = s.curve.bucket_start(s.config.clock.wall_ms());
-        let sample = Curve::read(&s.tallies, s.registry.provinces.len(), bucket);
-        // Curve first: a snapshot taken before the push must hold it (see `push`).
-        let record = s.durability.as_ref().map(|_| Record::Curve(CurveRecord::from_sample(&s.registry, &sample)));
-        s.curve.push(sample);
-        if let (Some(d), Some(record)) = (&s.durability, record) {
-            d.push(record);
         }
     }
 

@@ -173,6 +173,21 @@ pub struct ServerArgs {
     /// How often the certificate and key files are checked for a renewal.
     #[arg(long, env = "HEADCOUNT_TLS_POLL_INTERVAL", default_value = "2s", value_parser = duration)]
     pub tls_poll_interval: Duration,
+    /// Cluster mode: etcd client URLs, comma-separated (`http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    /// Several aggregator nodes share the nation through etcd; acks wait for etcd's commit.
+    /// Without it, a single node with its journal in --data-dir.
+    #[arg(long, env = "HEADCOUNT_ETCD", value_delimiter = ',', conflicts_with = "in_memory")]
+    pub etcd: Vec<String>,
+    /// Cluster mode: this node's name, unique among the nodes (letters, digits, '.', '_', '-').
+    #[arg(long = "node", env = "HEADCOUNT_NODE", requires = "etcd")]
+    pub node: Option<String>,
+    /// Cluster mode: prefix of every etcd key (several events can share one etcd).
+    #[arg(long, env = "HEADCOUNT_ETCD_PREFIX", default_value = "/headcount")]
+    pub etcd_prefix: String,
+    /// Cluster mode: the node's lease; a node that cannot reach etcd for this long ends its
+    /// streams (sites fail over to another node) until etcd is back. Whole seconds, 2s..600s.
+    #[arg(long, env = "HEADCOUNT_ETCD_LEASE_TTL", default_value = "5s", value_parser = duration)]
+    pub etcd_lease_ttl: Duration,
     /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
     #[arg(long, env = "HEADCOUNT_LOG_FORMAT", value_enum, default_value_t = crate::logging::LogFormat::Text)]
     pub log_format: crate::logging::LogFormat,
@@ -312,6 +327,23 @@ impl ServerArgs {
             flush_records: self.flush_records,
             snapshot_interval: self.snapshot_interval,
         })
+    }
+
+    /// Cluster mode's settings, or None without `--etcd`. Error: `--etcd` without `--node`.
+    pub fn cluster(&self) -> Result<Option<super::cluster::ClusterConfig>, String> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let node = self.node.clone().ok_or_else(|| {
+            "--etcd needs --node NAME: a name for this aggregator, unique among the nodes (e.g. agg-1)".to_owned()
+        })?;
+        let mut c = super::cluster::ClusterConfig::new(self.etcd.iter().map(|e| e.trim().to_owned()).collect(), node);
+        c.prefix = self.etcd_prefix.clone();
+        c.lease_ttl = self.etcd_lease_ttl;
+        c.flush_interval = self.flush_interval;
+        c.flush_records = self.flush_records;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(Some(c))
     }
 
     /// Checks every setting's range and how the settings fit together (see [`limits`]); call

@@ -36,6 +36,15 @@ impl Aggregator {
     ) -> Result<(ReporterId, Claim), Error> {
         let s = self.shared();
         let site = s.registry.site(site_id).ok_or_else(|| Error::UnknownSite(site_id.to_owned()))?;
+        if let Some(rep) = &s.replication {
+            // Cluster mode: the slot is claimed in etcd, unique across nodes (committed there
+            // before this returns).
+            let claim = rep.claim_install(&s.installs, site, site_id, install, desk).await?;
+            if claim.new {
+                tracing::info!(site = %site_id, desk, slot = claim.slot, node = %rep.node, "new agent install");
+            }
+            return Ok((ReporterId { site, desk: claim.register_desk() }, claim));
+        }
         let claim = s.installs.claim(site, site_id, install, desk)?;
         if claim.new {
             tracing::info!(site = %site_id, desk, slot = claim.slot, agents = claim.site_agents, "new agent install");
@@ -84,7 +93,15 @@ impl Aggregator {
     /// The resume handshake showing only durable state: reads the registers, then waits until
     /// the flush that covers them is on disk. Errors with `Unavailable` when the aggregator
     /// stops first.
+    ///
+    /// In cluster mode it first catches up with etcd (every change committed by any node before
+    /// the handshake is in the answer), so a site failing over learns everything acknowledged
+    /// to it on the node it left; `UNAVAILABLE` when etcd cannot be read.
     pub async fn resume_durable(&self, r: ReporterId) -> Result<Resume, Error> {
+        if let Some(rep) = &self.shared().replication {
+            rep.admit()?;
+            rep.catch_up().await?;
+        }
         let resume = self.resume(r);
         if let Some(d) = &self.shared().durability {
             let stopped = || Error::Unavailable("aggregator shutting down; reconnect later".into());

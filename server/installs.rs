@@ -129,6 +129,14 @@ impl Installs {
         }
     }
 
+    /// Drops a tentative claim of `id` (cluster mode: another node won its slot).
+    pub fn forget(&self, site: u32, id: &str) {
+        let mut sites = self.sites.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(list) = sites.get_mut(&site) {
+            list.retain(|i| i.id != id);
+        }
+    }
+
     /// Every install with its site (for snapshots).
     pub fn all(&self) -> Vec<(u32, Install)> {
         let sites = self.sites.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

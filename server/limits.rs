@@ -196,8 +196,9 @@ pub fn largest_ack(max_batch: usize) -> usize {
     let per = prost::encoding::message::encoded_len(2, &widest);
     let applied =
         prost::encoding::message::encoded_len(1, &RegisterState { session: u32::MAX, seq: u64::MAX, count: i64::MIN });
-    // `site_agents` (field 3, a varint): at most 1 tag byte + 5 bytes.
-    let ack_len = per.max(applied) * max_batch + 6;
+    // `site_agents` (field 3, a varint): at most 1 tag byte + 5 bytes; `revision` (field 4, a
+    // varint, cluster mode): at most 1 tag byte + 10 bytes.
+    let ack_len = per.max(applied) * max_batch + 6 + 11;
     1 + prost::encoding::encoded_len_varint(ack_len as u64) + ack_len
 }
 

@@ -82,7 +82,7 @@ impl Aggregator {
         let recovered = store::recover(&durability.dir)?;
         let dir = durability.dir.clone();
         let d = Arc::new(Durability::new(durability));
-        let agg = Self::build(registry, config, Some(d.clone()));
+        let agg = Self::build(registry, config, Some(d.clone()), None);
         let (next_generation, last_committed) = (recovered.next_generation, recovered.last_committed);
         let report = restore(&agg, recovered)?;
         let journal = Journal::create(io.clone(), &dir, next_generation, last_committed)?;

@@ -75,6 +75,8 @@ impl Aggregator {
 
     /// Totals of a node for one session index or all sessions.
     pub fn totals_of(&self, node: Node, session: Option<usize>) -> ScopeTotals {
+        // Read before the rollups: they reflect at least this revision.
+        let revision = self.shared().replication.as_ref().map_or(0, |r| r.applied());
         let reading = self.shared().tallies.read(node, session);
         let (scope, name, registered, sites_total) = self.describe(node);
         let sessions = self.registry().sessions.len() as u64;
@@ -91,7 +93,7 @@ impl Aggregator {
             sites_total,
             sites_over_capacity: reading.over_capacity,
             last_change_unix_ms: self.shared().config.clock.to_wall(reading.changed_ms),
-            revision: 0,
+            revision,
         }
     }
 

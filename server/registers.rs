@@ -193,6 +193,23 @@ impl Registers {
         }
     }
 
+    /// Applies a register state another cluster node committed (from etcd's list or watch)
+    /// under the counting rule — only a higher seq changes it — and calls `rollup` with the change
+    /// in count before releasing the register's lock, as [`Self::apply_run`] does. Not queued for
+    /// writing: it is already in etcd. Returns whether it changed.
+    pub fn merge(&self, key: RegisterKey, reg: Register, rollup: impl FnOnce(i64)) -> bool {
+        let mut entry = self.map.entry(key.packed()).or_default();
+        if reg.seq <= entry.reg.seq {
+            return false;
+        }
+        let delta = reg.count - entry.reg.count;
+        entry.reg = reg;
+        if delta != 0 {
+            rollup(delta);
+        }
+        true
+    }
+
     /// Every register with its key (cloned out; no lock held after the call).
     pub fn snapshot(&self) -> Vec<(RegisterKey, Register)> {
         self.map.iter().map(|e| (RegisterKey::unpack(*e.key()), e.value().reg)).collect()

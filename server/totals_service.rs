@@ -52,10 +52,17 @@ impl TotalsService {
 impl Totals for TotalsService {
     async fn get_totals(&self, req: Request<TotalsRequest>) -> Result<Response<ScopeTotals>, Status> {
         let credential = self.authorize(&req)?;
+        let wait = call_deadline(req.metadata());
         let r = req.into_inner();
         let node = self.agg.node(r.scope.as_ref())?;
         self.allows(&credential, node)?;
         let session = self.agg.session_index(r.session)?;
+        // Read-your-writes in cluster mode: answer once this node has applied `min_revision`.
+        if let Some(rep) = &self.agg.shared().replication
+            && r.min_revision > 0
+        {
+            rep.wait_applied(r.min_revision, wait).await?;
+        }
         Ok(Response::new(self.agg.totals_of(node, session)))
     }
 
@@ -105,8 +112,8 @@ impl Totals for TotalsService {
             streams_open: st.streams_open,
             registers: s.registers.len() as u64,
             durable_flush: s.durability.as_ref().map_or(0, |d| *d.subscribe(0).borrow()),
-            revision: 0,
-            node: String::new(),
+            revision: s.replication.as_ref().map_or(0, |r| r.applied()),
+            node: s.replication.as_ref().map_or_else(String::new, |r| r.node.clone()),
         }))
     }
 
@@ -140,6 +147,22 @@ impl Totals for TotalsService {
 /// Feeds one watcher: a snapshot at once, then on each tick the latest state if it changed.
 /// Only this task waits on a slow watcher; ingest never does. Ends with `UNAVAILABLE` when the
 /// aggregator shuts down, silently when the watcher goes away.
+/// Counts a watcher in `headcount_watchers` for as long as it lives, however its feed ends.
+struct WatcherGauge;
+
+impl WatcherGauge {
+    fn new() -> Self {
+        metrics::gauge!("headcount_watchers").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for WatcherGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("headcount_watchers").decrement(1.0);
+    }
+}
+
 async fn publish(
     agg: Aggregator,
     node: Node,
@@ -154,7 +177,7 @@ async fn publish(
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last: Option<(ScopeTotals, Vec<ScopeTotals>)> = None;
-    metrics::gauge!("headcount_watchers").increment(1.0);
+    let _watching = WatcherGauge::new();
     let mut sequence = 0;
     loop {
         tokio::select! {
@@ -180,8 +203,26 @@ async fn publish(
         last = Some((totals, kids));
         sequence += 1;
     }
-    metrics::gauge!("headcount_watchers").decrement(1.0);
     // Shut down: the watch ends with UNAVAILABLE (not OK, which would read as "nothing more
     // will ever change"). Waits for room in the channel; a watcher gone by then is fine.
     let _ = tx.send(Err(Status::unavailable("aggregator shutting down; watch again later"))).await;
+}
+
+/// How long a `min_revision` read may wait: the call's `grpc-timeout` (minus a margin to answer
+/// in time), else 5 s.
+fn call_deadline(md: &tonic::metadata::MetadataMap) -> std::time::Duration {
+    const DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+    let Some(value) = md.get("grpc-timeout").and_then(|v| v.to_str().ok()) else { return DEFAULT };
+    let (digits, unit) = value.split_at(value.len().saturating_sub(1));
+    let Ok(n) = digits.parse::<u64>() else { return DEFAULT };
+    let total = match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return DEFAULT,
+    };
+    total.mul_f64(0.9)
 }

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use headcount::{
     client::{
         Reporter, ReporterConfig,
+        aggregators::{Aggregators, ServerList},
         bench::{self, BenchArgs},
-        connect::{ConnectOptions, lazy_channel_with},
+        connect::ConnectOptions,
         dashboard::parse_scope,
         queries,
         reporter::state::FileStore,
@@ -70,9 +71,11 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct SiteArgs {
-    /// Aggregator URL.
-    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
-    server: String,
+    /// Aggregator URL, or several separated by commas (every address the organiser sent, e.g.
+    /// `https://a:50051,https://b:50051`): the agent uses the first and moves to the next when
+    /// its aggregator cannot be reached or its stream ends.
+    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051", value_name = "URL[,URL…]", value_parser = parse_servers)]
+    server: ServerList,
     #[command(flatten)]
     tls: ConnectOptions,
     /// This site's id.
@@ -116,9 +119,10 @@ struct SiteArgs {
 
 #[derive(Debug, clap::Args)]
 struct ReadArgs {
-    /// Aggregator URL.
-    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
-    server: String,
+    /// Aggregator URL, or several separated by commas (the next is asked when one cannot be
+    /// reached).
+    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051", value_name = "URL[,URL…]", value_parser = parse_servers)]
+    server: ServerList,
     #[command(flatten)]
     tls: ConnectOptions,
     /// A read token (`headcount token read`).
@@ -161,9 +165,10 @@ struct SilentArgs {
 
 #[derive(Debug, clap::Args)]
 struct CorrectionsArgs {
-    /// Aggregator URL.
-    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051")]
-    server: String,
+    /// Aggregator URL, or several separated by commas (the next is asked when one cannot be
+    /// reached).
+    #[arg(long, env = "HEADCOUNT_SERVER", default_value = "http://127.0.0.1:50051", value_name = "URL[,URL…]", value_parser = parse_servers)]
+    server: ServerList,
     #[command(flatten)]
     tls: ConnectOptions,
     /// A read token (`headcount token read`).
@@ -230,6 +235,16 @@ struct RegistryArgs {
     /// Number of sites.
     #[arg(long, default_value_t = 10_035)]
     sites: u32,
+}
+
+/// `--server`: one URL or several separated by commas.
+fn parse_servers(s: &str) -> Result<ServerList, String> {
+    s.parse()
+}
+
+/// Lazy channels to every `--server` address; the error names the flag.
+fn aggregators(server: &ServerList, tls: &ConnectOptions) -> Result<Aggregators, String> {
+    Aggregators::connect_lazy(server, tls).map_err(|e| format!("--server: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -332,12 +347,21 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 eprintln!("headcount site: {e}\nFix --state-file (its directory must be writable).");
                 return Ok(ExitCode::FAILURE);
             }
-            let channel = lazy_channel_with(&args.server, &args.tls)?;
-            let site_totals =
-                site::run::SiteTotals { channel: channel.clone(), token: args.token.clone(), site: args.site.clone() };
+            let aggregators = match aggregators(&args.server, &args.tls) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("headcount site: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let site_totals = site::run::SiteTotals {
+                channel: aggregators.first(),
+                token: args.token.clone(),
+                site: args.site.clone(),
+            };
             let config =
                 ReporterConfig { agent_install: true, ..ReporterConfig::new(args.site.clone(), args.desk, args.token) };
-            let reporter = Reporter::spawn(channel, config, Arc::new(store))?;
+            let reporter = Reporter::spawn_with(aggregators, config, Arc::new(store))?;
             let agent = Arc::new(site::Agent::new(reporter, args.session));
             let opts = site::run::RunOptions {
                 stdin_mode: args.mode,
@@ -356,7 +380,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Totals(args) => {
             let r = args.read;
-            let channel = lazy_channel_with(&r.server, &r.tls)?;
+            let aggs = aggregators(&r.server, &r.tls)?;
             let output = if args.csv {
                 queries::Output::Csv
             } else if r.json {
@@ -365,28 +389,34 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 queries::Output::Table
             };
             let options = queries::TotalsOptions { order: args.order, limit: args.limit, output };
-            queries::totals(channel, &r.token, parse_scope(&r.scope)?, r.session, options, &mut stdout).await?;
+            let scope = parse_scope(&r.scope)?;
+            let totals = async |ch| queries::totals(ch, &r.token, scope.clone(), r.session, options, &mut stdout).await;
+            queries::on_first_answering(&aggs, totals).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Silent(args) => {
             let r = args.read;
-            let channel = lazy_channel_with(&r.server, &r.tls)?;
-            queries::silent(channel, &r.token, parse_scope(&r.scope)?, args.limit, r.json, &mut stdout).await?;
+            let (aggs, scope) = (aggregators(&r.server, &r.tls)?, parse_scope(&r.scope)?);
+            let silent = async |ch| queries::silent(ch, &r.token, scope.clone(), args.limit, r.json, &mut stdout).await;
+            queries::on_first_answering(&aggs, silent).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Curve(r) => {
-            let channel = lazy_channel_with(&r.server, &r.tls)?;
-            queries::curve(channel, &r.token, parse_scope(&r.scope)?, r.session, r.json, &mut stdout).await?;
+            let (aggs, scope) = (aggregators(&r.server, &r.tls)?, parse_scope(&r.scope)?);
+            let curve = async |ch| queries::curve(ch, &r.token, scope.clone(), r.session, r.json, &mut stdout).await;
+            queries::on_first_answering(&aggs, curve).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Corrections(args) => {
-            let channel = lazy_channel_with(&args.server, &args.tls)?;
-            queries::corrections(channel, &args.token, args.limit, args.json, &mut stdout).await?;
+            let aggs = aggregators(&args.server, &args.tls)?;
+            let corrections =
+                async |ch| queries::corrections(ch, &args.token, args.limit, args.json, &mut stdout).await;
+            queries::on_first_answering(&aggs, corrections).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch(args) => {
             let r = args.read;
-            let channel = lazy_channel_with(&r.server, &r.tls)?;
+            let aggs = aggregators(&r.server, &r.tls)?;
             let opts = headcount::client::watch::WatchOptions {
                 scope: parse_scope(&r.scope)?,
                 session: r.session,
@@ -397,7 +427,7 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 redraw: std::io::IsTerminal::is_terminal(&std::io::stdout()) && !r.json,
                 backoff: headcount::client::reporter::backoff::BackoffConfig::default(),
             };
-            headcount::client::watch::run(channel, &r.token, &opts, &mut stdout, &mut std::io::stderr()).await?;
+            headcount::client::watch::run_with(&aggs, &r.token, &opts, &mut stdout, &mut std::io::stderr()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {

@@ -17,18 +17,19 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Status, Streaming, transport::Channel};
+use tonic::{Code, Request, Status, Streaming};
 
 use super::{
     BadgeOutcome, Command, ReporterConfig, ReporterError, ReporterStatus,
     backoff::Backoff,
+    failover::Targets,
     session_label,
     state::{LocalRegister, LocalState, StateStore},
 };
+use crate::client::aggregators::{Aggregators, permanent};
 use crate::proto::metadata::{AGENT_HEADER, DESK_HEADER, SITE_HEADER};
 use crate::proto::v1::{
-    Heartbeat, Report, ReportBatch, ReportRequest, ReportResponse, Resume, ingest_client::IngestClient, report_request,
-    report_response,
+    Heartbeat, Report, ReportBatch, ReportRequest, ReportResponse, Resume, report_request, report_response,
 };
 
 /// An open, resumed stream.
@@ -52,11 +53,6 @@ pub(super) fn bump(session: u32, seq: u64) -> Result<u64, ReporterError> {
     seq.checked_add(1).ok_or(ReporterError::SeqExhausted(session))
 }
 
-/// Statuses that retrying cannot fix: stop and tell the operator what to change.
-fn permanent(code: Code) -> bool {
-    matches!(code, Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument)
-}
-
 /// What the operator must fix for a permanent refusal.
 fn advice(config: &ReporterConfig, status: &Status) -> String {
     let (site, desk, msg) = (&config.site, config.desk, status.message());
@@ -77,7 +73,8 @@ fn advice(config: &ReporterConfig, status: &Status) -> String {
 }
 
 pub(super) struct Actor {
-    pub(super) client: IngestClient<Channel>,
+    /// The aggregator addresses and the one in use.
+    pub(super) targets: Targets,
     pub(super) config: ReporterConfig,
     pub(super) auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     pub(super) backoff: Backoff,
@@ -93,7 +90,7 @@ pub(super) struct Actor {
 
 impl Actor {
     pub(super) fn new(
-        channel: Channel,
+        aggregators: Aggregators,
         config: ReporterConfig,
         auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
         store: Arc<dyn StateStore>,
@@ -106,7 +103,7 @@ impl Actor {
             state.install_id = hex::encode(rand::rng().random::<[u8; 16]>());
         }
         Self {
-            client: IngestClient::new(channel),
+            targets: Targets::new(aggregators),
             backoff: Backoff::new(config.backoff),
             config,
             auth,
@@ -156,7 +153,12 @@ impl Actor {
                             self.backoff.reset();
                             self.conn = Some(conn);
                             match self.on_resume(resume).await {
-                                Ok(()) => self.status.send_modify(|s| { s.connected = true; s.connects += 1; }),
+                                Ok(()) => {
+                                    self.targets.resumed();
+                                    let url = self.targets.url().to_owned();
+                                    tracing::info!(site = %self.config.site, desk = self.config.desk, aggregator = %url, "connected");
+                                    self.status.send_modify(|s| { s.connected = true; s.connects += 1; s.aggregator = url; });
+                                }
                                 Err(e @ ReporterError::SeqExhausted(_)) => {
                                     self.conn = None;
                                     self.set_fatal(format!("{e}; ask the aggregator's operator"));
@@ -177,12 +179,13 @@ impl Actor {
                             self.set_fatal(advice);
                         }
                         Err(status) => {
-                            let delay = self.backoff.next_delay();
+                            let why = format!("{}: {:?}: {}", self.targets.url(), status.code(), status.message());
                             tracing::warn!(
-                                site = %self.config.site, desk = self.config.desk,
-                                code = ?status.code(), message = status.message(), retry_in = ?delay, "cannot open stream"
+                                site = %self.config.site, desk = self.config.desk, aggregator = %self.targets.url(),
+                                code = ?status.code(), message = status.message(), "cannot open stream"
                             );
-                            self.set_error(format!("{:?}: {}", status.code(), status.message()));
+                            let delay = self.targets.open_failed(&mut self.backoff, &self.config.site, self.config.desk, &why);
+                            self.set_error(why);
                             retry_at = Some(Instant::now() + delay);
                         }
                     }
@@ -199,7 +202,12 @@ impl Actor {
                                 self.conn = None;
                             }
                         },
-                        Ok(None) => { self.conn = None; }
+                        Ok(None) => {
+                            let why = format!("{}: the aggregator ended the stream", self.targets.url());
+                            self.targets.lost(&self.config.site, self.config.desk, &why);
+                            self.set_error(why);
+                            self.conn = None;
+                        }
                         Err(status) if permanent(status.code()) => {
                             let advice = advice(&self.config, &status);
                             tracing::error!(site = %self.config.site, desk = self.config.desk, code = ?status.code(), "{advice}");
@@ -208,10 +216,12 @@ impl Actor {
                         }
                         Err(status) => {
                             tracing::info!(
-                                site = %self.config.site, desk = self.config.desk,
+                                site = %self.config.site, desk = self.config.desk, aggregator = %self.targets.url(),
                                 code = ?status.code(), message = status.message(), "stream ended"
                             );
-                            self.set_error(format!("{:?}: {}", status.code(), status.message()));
+                            let why = format!("{}: {:?}: {}", self.targets.url(), status.code(), status.message());
+                            self.targets.lost(&self.config.site, self.config.desk, &why);
+                            self.set_error(why);
                             self.conn = None;
                         }
                     }
@@ -267,7 +277,7 @@ impl Actor {
 
     /// Opens a stream and waits for the resume handshake.
     fn open(&self) -> Opening {
-        let mut client = self.client.clone();
+        let mut client = self.targets.client();
         let auth = self.auth.clone();
         let site = self.config.site.clone();
         let desk = self.config.desk;

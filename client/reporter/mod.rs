@@ -2,6 +2,11 @@
 //! every change before sending it, keeps one long-lived stream to the aggregator, resumes after
 //! any disconnect and resends its latest unacknowledged state.
 //!
+//! Given several aggregator addresses ([`Reporter::spawn_with`]), it uses one at a time and fails
+//! over to the next when its node is unreachable or its stream ends ([`failover`] has the rule);
+//! the resume handshake on the new node tells what it holds, and everything not acknowledged
+//! there is resent (the counting rule makes a resend change nothing twice).
+//!
 //! All state lives in one actor task ([`actor`]); the public handle talks to it over a bounded
 //! channel. Commands that arrive together are applied together and persisted once (group
 //! commit), so the agent coalesces under load: many check-ins become one report with one seq.
@@ -13,6 +18,7 @@
 
 mod actor;
 pub mod backoff;
+mod failover;
 mod reconcile;
 pub mod state;
 
@@ -28,7 +34,10 @@ use self::{
     backoff::BackoffConfig,
     state::{LocalState, ScheduledSession, StateStore, StoreError},
 };
-use super::connect::{CONNECT_TIMEOUT, ConnectError, bearer};
+use super::{
+    aggregators::Aggregators,
+    connect::{CONNECT_TIMEOUT, ConnectError, bearer},
+};
 
 /// Settings of one reporter.
 #[derive(Debug, Clone)]
@@ -46,7 +55,8 @@ pub struct ReporterConfig {
     pub agent_install: bool,
     /// Reconnect backoff.
     pub backoff: BackoffConfig,
-    /// Timeout for opening a stream and receiving the resume handshake.
+    /// Timeout for opening a stream and receiving the resume handshake, per aggregator address
+    /// tried (a node that accepts TCP but never answers is left after this long).
     pub connect_timeout: Duration,
     /// Heartbeat after this long without sending anything.
     pub heartbeat_interval: Duration,
@@ -148,6 +158,9 @@ pub enum ReporterError {
 pub struct ReporterStatus {
     /// A stream is open and resumed.
     pub connected: bool,
+    /// The URL of the aggregator of the current (or last) resumed stream; empty before the first
+    /// (`the aggregator` when the reporter was given a channel without a URL).
+    pub aggregator: String,
     /// Local registers: session → (seq, count).
     pub local: BTreeMap<u32, (u64, i64)>,
     /// Highest seq per session the aggregator acknowledged (or refused for good).
@@ -222,11 +235,22 @@ pub struct Reporter {
     task: JoinHandle<()>,
     max_reason: usize,
     max_count: i64,
+    aggregators: Aggregators,
 }
 
 impl Reporter {
     /// Loads the state from `store` and starts reporting over `channel` (which may be shared).
     pub fn spawn(channel: Channel, config: ReporterConfig, store: Arc<dyn StateStore>) -> Result<Self, ReporterError> {
+        Self::spawn_with(Aggregators::single(channel), config, store)
+    }
+
+    /// [`Reporter::spawn`] over several aggregator addresses: starts on the first, fails over to
+    /// the next when a stream ends or cannot be opened (see the module docs).
+    pub fn spawn_with(
+        aggregators: Aggregators,
+        config: ReporterConfig,
+        store: Arc<dyn StateStore>,
+    ) -> Result<Self, ReporterError> {
         let state = match store.load()? {
             Some(s) if s.site != config.site || s.desk != config.desk => {
                 return Err(ReporterError::WrongState { site: s.site, desk: s.desk });
@@ -243,11 +267,11 @@ impl Reporter {
         };
         let (status_tx, status) = watch::channel(status);
         let (max_reason, max_count) = (config.max_reason, config.max_count);
-        let actor = actor::Actor::new(channel, config, auth, store, state, status_tx, rx);
+        let actor = actor::Actor::new(aggregators.clone(), config, auth, store, state, status_tx, rx);
         // No span on the task (it would be entered on every poll, 20,000 times over in the
         // simulation); log lines carry site and desk.
         let task = tokio::spawn(actor.run());
-        Ok(Self { commands, status, task, max_reason, max_count })
+        Ok(Self { commands, status, task, max_reason, max_count, aggregators })
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ReporterError> {
@@ -293,6 +317,11 @@ impl Reporter {
     /// Drops the current stream and reconnects (fault injection, or after a network change).
     pub async fn reconnect(&self) -> Result<(), ReporterError> {
         self.commands.send(Command::Reconnect).await.map_err(|_| ReporterError::Stopped)
+    }
+
+    /// The aggregators this reporter may use, in order.
+    pub fn aggregators(&self) -> &Aggregators {
+        &self.aggregators
     }
 
     /// The latest status.

@@ -33,7 +33,8 @@ pub struct RunOptions {
 /// How the agent reads its site's total at the aggregator (every agent install of the site).
 #[derive(Debug, Clone)]
 pub struct SiteTotals {
-    /// A channel to the aggregator.
+    /// A channel to the aggregator (used when the agent is not connected at the end; otherwise
+    /// the aggregator it is connected to is asked).
     pub channel: tonic::transport::Channel,
     /// The site token.
     pub token: String,
@@ -195,10 +196,12 @@ async fn show_status(agent: Arc<Agent>, out: Out) {
     let (mut connected, mut agents, mut foreign, mut refused) = (None, 0u32, 0u64, 0u64);
     loop {
         let st = rx.borrow_and_update().clone();
-        if connected != Some(st.connected) {
-            connected = Some(st.connected);
+        // A failover can go from one connected stream to the next between two looks.
+        let now = (st.connected, st.connected.then(|| st.aggregator.clone()));
+        if connected != Some(now.clone()) {
+            connected = Some(now);
             if st.connected {
-                out(format!("connected to the aggregator (this agent's register slot: {})", st.agent_slot));
+                out(format!("connected to {} (this agent's register slot: {})", st.aggregator, st.agent_slot));
             } else {
                 out(format!(
                     "NOT CONNECTED: {} — check-ins are kept in the state file and sent on reconnect",
@@ -275,7 +278,9 @@ fn summary(agent: &Agent, flushed: &Result<(), crate::client::ReporterError>, st
 async fn site_totals(agent: &Agent, t: &SiteTotals, out: &Out) {
     use crate::proto::v1::{Scope, ScopeKind, TotalsRequest, totals_client::TotalsClient};
     let st = agent.reporter().status();
-    let mut client = TotalsClient::new(t.channel.clone());
+    // The aggregator the agent is connected to (failover), else the one given.
+    let connected = agent.reporter().aggregators().iter().find(|a| st.connected && a.url == st.aggregator);
+    let mut client = TotalsClient::new(connected.map_or_else(|| t.channel.clone(), |a| a.channel.clone()));
     for session in st.local.keys() {
         let scope = Scope { kind: ScopeKind::Site as i32, id: t.site.clone() };
         let Ok(req) = crate::client::connect::authorized(

@@ -51,8 +51,15 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         registered = registry.registered_total(),
         "registry loaded"
     );
-    let agg = match args.durability() {
-        Some(d) => {
+    let agg = match (args.cluster()?, args.durability()) {
+        (Some(cluster), _) => {
+            let node = cluster.node.clone();
+            let agg =
+                Aggregator::open_cluster(registry, args.aggregator(), cluster).await.map_err(|e| e.to_string())?;
+            tracing::info!(%node, etcd = %args.etcd.join(","), "cluster node");
+            agg
+        }
+        (None, Some(d)) => {
             let dir = d.dir.clone();
             let (agg, report) = Aggregator::open(registry, args.aggregator(), d).map_err(|e| e.to_string())?;
             tracing::info!(
@@ -61,7 +68,7 @@ async fn run(args: ServerArgs) -> Result<(), String> {
             );
             agg
         }
-        None => {
+        (None, None) => {
             tracing::warn!("--in-memory: all state is lost when this process exits");
             Aggregator::new(registry, args.aggregator())
         }

@@ -128,6 +128,38 @@ impl Durability {
         rx.wait_for(|n| *n >= target).await.map(|_| ())
     }
 
+    /// Starts a flush: its number, once everything applied so far will be taken by it (for a
+    /// committer other than the journal's, e.g. cluster mode's etcd writer).
+    pub fn begin_flush(&self) -> u64 {
+        self.started.fetch_add(1, SeqCst) + 1
+    }
+
+    /// Moves the queued non-register records into `out`.
+    pub fn take_pending(&self, out: &mut Vec<Record>) {
+        out.append(&mut self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    /// Publishes flush `n` as committed: streams waiting for it acknowledge.
+    pub fn publish(&self, n: u64) {
+        for tx in self.durable.iter() {
+            tx.send_replace(n);
+        }
+    }
+
+    /// Whether [`close`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.load(SeqCst)
+    }
+
+    /// Runs `body` as this state's flusher thread (woken by [`Durability::wake`], joined by
+    /// [`close`]) instead of the journal's.
+    pub fn spawn_committer(self: &Arc<Self>, name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let handle = thread::Builder::new().name(name.into()).spawn(body)?;
+        let _ = self.flusher.set(handle.thread().clone());
+        *self.join.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+        Ok(())
+    }
+
     /// Asks the flusher to commit now.
     pub fn wake(&self) {
         if let Some(t) = self.flusher.get() {

@@ -34,6 +34,9 @@ pub struct Params {
     pub order: Option<String>,
     /// Most rows; 0: all.
     pub limit: Option<usize>,
+    /// Cluster mode, `/api/totals`: answer once this node has applied this etcd revision (waits
+    /// up to 5 s, then 503).
+    pub min_revision: Option<u64>,
 }
 
 impl Params {
@@ -118,6 +121,8 @@ pub struct TotalsJson {
     pub sites_over_capacity: u32,
     /// Last change, Unix ms (0: never).
     pub last_change_unix_ms: i64,
+    /// Cluster mode: the etcd revision these totals reflect (0 on a single node).
+    pub revision: u64,
 }
 
 /// The kind name of a wire scope.
@@ -145,6 +150,7 @@ impl From<&ScopeTotals> for TotalsJson {
             sites_silent: t.sites_total.saturating_sub(t.sites_reporting),
             sites_over_capacity: t.sites_over_capacity,
             last_change_unix_ms: t.last_change_unix_ms,
+            revision: t.revision,
         }
     }
 }
@@ -242,6 +248,9 @@ pub async fn totals(
 ) -> Result<Json<TotalsJson>, HttpError> {
     let access = access::check(&st, &headers, true)?;
     let (node, session) = p.resolve(&st.agg, access)?;
+    if let (Some(rep), Some(revision)) = (&st.agg.shared().replication, p.min_revision) {
+        rep.wait_applied(revision, std::time::Duration::from_secs(5)).await?;
+    }
     Ok(Json((&st.agg.totals_of(node, session)).into()))
 }
 
@@ -313,6 +322,8 @@ pub async fn stats(State(st): State<HttpState>, headers: HeaderMap) -> Result<Js
     Ok(Json(serde_json::json!({
         "reports_applied": s.applied, "reports_unchanged": s.unchanged, "reports_rejected": s.rejected,
         "batches": s.batches, "streams_open": s.streams_open, "registers": st.agg.shared().registers.len(),
+        "node": st.agg.shared().replication.as_ref().map(|r| r.node.clone()),
+        "revision": st.agg.shared().replication.as_ref().map_or(0, |r| r.applied()),
     })))
 }
 

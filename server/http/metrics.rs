@@ -70,6 +70,15 @@ fn describe() {
         "Per group commit, the longest an ack in it waited: from the commit window opening to durable."
     );
     describe_gauge!("headcount_watchers", "Open gRPC Watch streams.");
+    describe_histogram!(
+        "headcount_etcd_commit_seconds",
+        Unit::Seconds,
+        "Cluster mode: one group commit to etcd (all its transactions)."
+    );
+    describe_counter!(
+        "headcount_etcd_commit_failures_total",
+        "Cluster mode: group commits etcd did not take (retried)."
+    );
 }
 
 /// Appends one metric family.
@@ -100,6 +109,29 @@ pub fn aggregator_metrics(st: &HttpState) -> String {
         "Registers (site, desk, session) held.",
         &one(agg.shared().registers.len() as u64),
     );
+    if let Some(rep) = &agg.shared().replication {
+        family(
+            &mut out,
+            "headcount_etcd_revision_applied",
+            "gauge",
+            "Cluster mode: the etcd revision this node has applied (compare across nodes: watch lag).",
+            &one(rep.applied()),
+        );
+        family(
+            &mut out,
+            "headcount_etcd_revision_committed",
+            "gauge",
+            "Cluster mode: the etcd revision of this node's latest committed group write.",
+            &one(rep.committed()),
+        );
+        family(
+            &mut out,
+            "headcount_cluster_node_healthy",
+            "gauge",
+            "Cluster mode: 1 while this node reaches etcd and accepts streams, 0 while fenced off.",
+            &one(u64::from(rep.is_healthy())),
+        );
+    }
     let national = tallies.read(Node::NATIONAL, None);
     family(
         &mut out,

@@ -1,0 +1,188 @@
+//! A node's lease: its liveness, the streams it holds, and its fence.
+//!
+//! The node grants a lease of `--etcd-lease-ttl` and keeps it alive (every third of the TTL).
+//! Its `node/<name>` key and one `stream/<site>/<node>` key per site with a stream here hang on
+//! it, so when the node dies its sites stop counting as connected through it within the TTL.
+//! When the keepalive has not succeeded for a whole TTL the node fences itself off
+//! ([`Replication::fence_off`]): streams end `UNAVAILABLE` so sites fail over, and new ones are
+//! refused; once etcd answers again it takes a new lease if the old one expired, puts its keys
+//! back and accepts streams ([`Replication::recover`]). Other nodes' stream keys keep their
+//! sites "reporting" here (touched once per sweep).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::sync::mpsc;
+
+use super::{ClusterConfig, feed::RemoteStreams};
+use crate::server::{
+    aggregator::{Aggregator, now_ms},
+    replication::{PresenceChange, Replication, keys},
+};
+
+/// How often stream keys are written (coalesced: a reconnect storm is a few transactions).
+const PRESENCE_TICK: Duration = Duration::from_millis(100);
+/// Stream keys per transaction (under etcd's default `--max-txn-ops` of 128).
+const PRESENCE_OPS: usize = 128;
+
+/// Grants the lease and puts the node's key (errors when etcd does not answer), then spawns the
+/// loop that keeps both alive and the one that touches sites streaming on other nodes. Returns
+/// the lease id.
+pub async fn start(
+    agg: &Aggregator,
+    config: &ClusterConfig,
+    client: Client,
+    queue: mpsc::UnboundedReceiver<PresenceChange>,
+    remote: Arc<RemoteStreams>,
+) -> Result<i64, etcd_client::Error> {
+    let Some(rep) = agg.shared().replication.clone() else { return Ok(0) };
+    let ttl = config.lease_ttl.as_secs().max(2) as i64;
+    let lease = grant(&client, &rep, ttl).await?;
+    let presence = Presence {
+        agg: agg.clone(),
+        rep,
+        client,
+        ttl,
+        lease,
+        counts: FxHashMap::default(),
+        dirty: FxHashSet::default(),
+    };
+    tokio::spawn(presence.run(queue));
+    tokio::spawn(touch_remote(agg.clone(), remote));
+    Ok(lease)
+}
+
+/// Grants a lease and puts the node key on it.
+async fn grant(client: &Client, rep: &Replication, ttl: i64) -> Result<i64, etcd_client::Error> {
+    let lease = client.lease_client().grant(ttl, None).await?.id();
+    let key = keys::node(&rep.prefix, &rep.node);
+    client.kv_client().put(key, now_ms().to_string(), Some(PutOptions::new().with_lease(lease))).await?;
+    Ok(lease)
+}
+
+struct Presence {
+    agg: Aggregator,
+    rep: Arc<Replication>,
+    client: Client,
+    ttl: i64,
+    lease: i64,
+    /// Streams open here per site.
+    counts: FxHashMap<u32, i32>,
+    /// Sites whose key must be written (put or deleted).
+    dirty: FxHashSet<u32>,
+}
+
+impl Presence {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<PresenceChange>) {
+        let shutdown = self.agg.shared().shutdown.clone();
+        let mut flush = tokio::time::interval(PRESENCE_TICK);
+        let mut keepalive = tokio::time::interval(Duration::from_millis(self.ttl as u64 * 1000 / 3));
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ok = Instant::now();
+        loop {
+            tokio::select! {
+                change = queue.recv() => {
+                    let Some(change) = change else { return };
+                    *self.counts.entry(change.site).or_default() += change.delta;
+                    self.dirty.insert(change.site);
+                }
+                _ = flush.tick() => {
+                    if !self.dirty.is_empty() && self.rep.is_healthy() {
+                        self.write_streams().await;
+                    }
+                }
+                _ = keepalive.tick() => {
+                    if self.keep_alive().await {
+                        last_ok = Instant::now();
+                        self.rep.recover();
+                    } else if last_ok.elapsed() >= Duration::from_secs(self.ttl as u64) {
+                        self.rep.fence_off();
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    // Let other nodes see at once that this node's streams are gone.
+                    let _ = self.client.lease_client().revoke(self.lease).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One keepalive round; takes a new lease (and puts every key back) when the old one expired.
+    async fn keep_alive(&mut self) -> bool {
+        let timeout = self.rep.catch_up_timeout;
+        let renewed = tokio::time::timeout(timeout, async {
+            let (mut keeper, mut stream) = self.client.lease_client().keep_alive(self.lease).await?;
+            keeper.keep_alive().await?;
+            Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
+        })
+        .await;
+        match renewed {
+            Ok(Ok(ttl)) if ttl > 0 => true,
+            Ok(Ok(_)) => {
+                tracing::warn!(node = %self.rep.node, "lease expired; taking a new one");
+                match tokio::time::timeout(timeout, grant(&self.client, &self.rep, self.ttl)).await {
+                    Ok(Ok(lease)) => {
+                        self.lease = lease;
+                        self.dirty.extend(self.counts.iter().filter(|(_, n)| **n > 0).map(|(s, _)| *s));
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %self.rep.node, error = %e, "lease keepalive failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(node = %self.rep.node, "lease keepalive timed out");
+                false
+            }
+        }
+    }
+
+    /// Puts the key of each changed site with a stream here, deletes the others.
+    async fn write_streams(&mut self) {
+        let registry = self.agg.registry();
+        let sites: Vec<u32> = self.dirty.drain().collect();
+        for chunk in sites.chunks(PRESENCE_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .filter_map(|site| {
+                    let id = &registry.sites.get(*site as usize)?.id;
+                    let key = keys::stream(&self.rep.prefix, id, &self.rep.node);
+                    Some(if self.counts.get(site).is_some_and(|n| *n > 0) {
+                        TxnOp::put(key, "", Some(PutOptions::new().with_lease(self.lease)))
+                    } else {
+                        TxnOp::delete(key, None)
+                    })
+                })
+                .collect();
+            if let Err(e) = self.client.kv_client().txn(Txn::new().and_then(ops)).await {
+                tracing::warn!(error = %e, "cannot publish stream presence; retrying");
+                self.dirty.extend(chunk.iter().copied());
+            }
+        }
+        self.counts.retain(|_, n| *n > 0);
+    }
+}
+
+/// Once per sweep interval, marks the sites streaming on other nodes as seen.
+async fn touch_remote(agg: Aggregator, remote: Arc<RemoteStreams>) {
+    let s = agg.shared();
+    let mut tick = tokio::time::interval(s.config.sweep_interval.max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = s.shutdown.cancelled() => return,
+        }
+        let now = s.config.clock.mono_ms();
+        for site in remote.sites() {
+            s.liveness.touch(site, now, &s.tallies);
+        }
+    }
+}

@@ -133,6 +133,18 @@ impl History {
         regs
     }
 
+    /// Every acknowledgement recorded: (register, seq, count, when it was seen).
+    pub fn acks(&self) -> Vec<(Reg, u64, i64, Instant)> {
+        let events = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Ack { reg, seq, count, at } => Some((reg.clone(), *seq, *count, *at)),
+                Event::Attempt { .. } => None,
+            })
+            .collect()
+    }
+
     /// Highest acknowledged (seq, count) per register.
     pub fn acknowledged(&self) -> Registers {
         let mut out = Registers::new();

@@ -3,6 +3,7 @@
 
 pub mod aggregators;
 pub mod bench;
+pub mod cluster;
 pub mod connect;
 pub mod credentials;
 pub mod desk;

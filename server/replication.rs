@@ -13,7 +13,7 @@ use std::{
 };
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -46,6 +46,11 @@ pub mod keys {
     pub fn stream(prefix: &str, site: &str, node: &str) -> String {
         format!("{prefix}/stream/{site}/{node}")
     }
+    /// A node's read barrier: `<p>/barrier/<node>` → Unix ms. Writing it yields a revision that
+    /// the node's own watch will deliver (see [`super::Replication::barrier`]).
+    pub fn barrier(prefix: &str, node: &str) -> String {
+        format!("{prefix}/barrier/{node}")
+    }
     /// A live node: `<p>/node/<node>` → its start time, attached to its lease.
     pub fn node(prefix: &str, node: &str) -> String {
         format!("{prefix}/node/{node}")
@@ -67,6 +72,14 @@ pub mod keys {
         let (seq, count) = text.split_once(' ')?;
         Some((seq.parse().ok()?, count.parse().ok()?))
     }
+}
+
+/// How long a read waits for watch events before writing a barrier.
+const BARRIER_AFTER: Duration = Duration::from_millis(50);
+
+/// Wall-clock Unix milliseconds (the barrier's value: display only).
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A change of the set of this node's streams per site, for the presence loop.
@@ -95,20 +108,20 @@ pub struct Replication {
     healthy: AtomicBool,
     /// Cancelled when this node is fenced off; replaced by a fresh token when it recovers.
     fence: Mutex<CancellationToken>,
-    /// Asks the watch loop for a progress notification (a `min_revision` read is waiting).
-    progress: mpsc::Sender<()>,
     /// Stream presence changes for the presence loop.
     presence: mpsc::UnboundedSender<PresenceChange>,
+    /// Callers waiting for a barrier; one write answers every caller queued before it started.
+    barriers: mpsc::UnboundedSender<oneshot::Sender<Result<u64, Error>>>,
     /// How long a read or a resume waits to catch up with etcd, at most.
     pub catch_up_timeout: Duration,
 }
 
 /// The receiving ends of [`Replication`]'s queues, for the cluster loops.
 pub struct ReplicationQueues {
-    /// Progress requests.
-    pub progress: mpsc::Receiver<()>,
     /// Presence changes.
     pub presence: mpsc::UnboundedReceiver<PresenceChange>,
+    /// Barrier waiters (drained by [`Replication::run_barriers`]).
+    pub barriers: mpsc::UnboundedReceiver<oneshot::Sender<Result<u64, Error>>>,
 }
 
 impl Replication {
@@ -119,8 +132,8 @@ impl Replication {
         client: etcd_client::Client,
         catch_up_timeout: Duration,
     ) -> (Arc<Self>, ReplicationQueues) {
-        let (progress_tx, progress) = mpsc::channel(1);
         let (presence_tx, presence) = mpsc::unbounded_channel();
+        let (barriers_tx, barriers) = mpsc::unbounded_channel();
         let rep = Self {
             node,
             prefix,
@@ -129,11 +142,11 @@ impl Replication {
             committed: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             fence: Mutex::new(CancellationToken::new()),
-            progress: progress_tx,
             presence: presence_tx,
+            barriers: barriers_tx,
             catch_up_timeout,
         };
-        (Arc::new(rep), ReplicationQueues { progress, presence })
+        (Arc::new(rep), ReplicationQueues { presence, barriers })
     }
 
     /// The revision this node has applied (its totals reflect every change up to it).
@@ -209,13 +222,26 @@ impl Replication {
     }
 
     /// Waits until this node has applied `revision`, at most `timeout`. Error: `UNAVAILABLE`.
+    ///
+    /// The applied revision moves only with watch *events* under the prefix, never with etcd's
+    /// progress notifications: etcd before 3.4.24 / 3.5.8 can send one ahead of events it has not
+    /// delivered yet (etcd issue #15220; this test machine has 3.4.23). When no event comes soon,
+    /// a [`Self::barrier`] write makes one, at a revision past every write committed before it.
     pub async fn wait_applied(&self, revision: u64, timeout: Duration) -> Result<(), Error> {
         if self.applied() >= revision {
             return Ok(());
         }
-        let _ = self.progress.try_send(());
+        let started = tokio::time::Instant::now();
         let mut rx = self.applied.subscribe();
-        match tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await {
+        let soon = tokio::time::timeout(BARRIER_AFTER.min(timeout), rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if soon {
+            return Ok(());
+        }
+        self.barrier().await?;
+        let rest = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(rest, rx.wait_for(|r| *r >= revision)).await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(Error::Unavailable(format!(
                 "node {} has applied etcd revision {} and did not reach {revision} within {timeout:?}; retry, or \
@@ -226,21 +252,53 @@ impl Replication {
         }
     }
 
-    /// Waits until this node reflects everything etcd has committed now (a linearizable read of
-    /// the current revision, then [`Self::wait_applied`]). Error: `UNAVAILABLE`.
-    pub async fn catch_up(&self) -> Result<(), Error> {
-        let unavailable = |e: String| {
-            Error::Unavailable(format!("node {} cannot read etcd ({e}); connect to another node", self.node))
-        };
-        let key = keys::node(&self.prefix, &self.node);
-        let options = etcd_client::GetOptions::new().with_count_only();
+    /// Writes this node's barrier key and returns the revision etcd committed it at: every write
+    /// committed before the call is at a lower revision, and this node's watch will deliver the
+    /// barrier's event. Error: `UNAVAILABLE` when etcd does not take it.
+    ///
+    /// Barriers are coalesced: callers that queue while one write is in flight share the next
+    /// one (a reconnect storm of thousands of resumes costs a few writes, not thousands).
+    pub async fn barrier(&self) -> Result<u64, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.barriers.send(tx).map_err(|_| self.unreachable("node stopping"))?;
+        rx.await.map_err(|_| self.unreachable("node stopping"))?
+    }
+
+    /// Answers queued barrier callers until the queue closes: takes every caller queued so far,
+    /// writes the barrier key once, answers them all with its revision.
+    pub async fn run_barriers(
+        self: Arc<Self>,
+        mut queue: mpsc::UnboundedReceiver<oneshot::Sender<Result<u64, Error>>>,
+    ) {
+        let mut waiting = Vec::new();
+        while queue.recv_many(&mut waiting, usize::MAX).await > 0 {
+            let result = self.write_barrier().await;
+            for w in waiting.drain(..) {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+
+    async fn write_barrier(&self) -> Result<u64, Error> {
+        let key = keys::barrier(&self.prefix, &self.node);
         let mut kv = self.client.kv_client();
-        let response = tokio::time::timeout(self.catch_up_timeout, kv.get(key, Some(options)))
-            .await
-            .map_err(|_| unavailable("timed out".into()))?
-            .map_err(|e| unavailable(e.to_string()))?;
-        let revision = response.header().map_or(0, |h| h.revision()).max(0) as u64;
+        let put = tokio::time::timeout(self.catch_up_timeout, kv.put(key, now_unix_ms().to_string(), None)).await;
+        match put {
+            Ok(Ok(response)) => Ok(response.header().map_or(0, |h| h.revision()).max(0) as u64),
+            Ok(Err(e)) => Err(self.unreachable(&e.to_string())),
+            Err(_) => Err(self.unreachable("timed out")),
+        }
+    }
+
+    /// Waits until this node reflects everything etcd had committed when the call started (a
+    /// barrier write, then [`Self::wait_applied`] for its revision). Error: `UNAVAILABLE`.
+    pub async fn catch_up(&self) -> Result<(), Error> {
+        let revision = self.barrier().await?;
         self.wait_applied(revision, self.catch_up_timeout).await
+    }
+
+    fn unreachable(&self, why: &str) -> Error {
+        Error::Unavailable(format!("node {} cannot reach etcd ({why}); connect to another node", self.node))
     }
 
     /// Claims a register slot for agent install `id` at `site`, unique across every node: the

@@ -32,10 +32,10 @@ use crate::client::{
 };
 
 /// What one agent's driver did.
-struct AgentOutcome {
-    check_ins: u64,
-    unacknowledged: u64,
-    samples: Samples,
+pub(super) struct AgentOutcome {
+    pub(super) check_ins: u64,
+    pub(super) unacknowledged: u64,
+    pub(super) samples: Samples,
 }
 
 /// Runs the agents mode.
@@ -168,7 +168,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
 /// One agent's driver: a check-in at each scheduled time, until `stop`; then waits at most
 /// [`DRAIN`] for the last acknowledgements. A check-in is acknowledged once the reporter's acked
 /// seq for the session reaches the seq it was given.
-async fn drive(
+pub(super) async fn drive(
     reporter: Arc<Reporter>,
     session: u32,
     mean: Duration,

@@ -62,6 +62,11 @@ impl Samples {
         self.micros.push(from.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
     }
 
+    /// Records a measured duration.
+    pub(super) fn record(&mut self, d: Duration) {
+        self.micros.push(d.as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+
     /// Records a measurement that did not complete within `timeout`.
     pub(super) fn miss(&mut self, timeout: Duration) {
         self.micros.push(timeout.as_micros().min(u128::from(u32::MAX)) as u32);

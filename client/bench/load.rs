@@ -33,10 +33,10 @@ use crate::{
 pub(super) const DRAIN: Duration = Duration::from_secs(15);
 
 /// What one stream did.
-struct StreamOutcome {
-    sent_reports: u64,
-    unacknowledged: u64,
-    samples: Samples,
+pub(super) struct StreamOutcome {
+    pub(super) sent_reports: u64,
+    pub(super) unacknowledged: u64,
+    pub(super) samples: Samples,
 }
 
 /// saturate / paced / stress.
@@ -203,7 +203,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
 /// (`paced`: mean interval and first phase), until `stop`; then wait at most [`DRAIN`] for the
 /// acks still due. Latency is measured from the intended send time when paced.
 #[allow(clippy::too_many_arguments)]
-async fn drive(
+pub(super) async fn drive(
     s: RawStream,
     sessions: Vec<u32>,
     rpb: usize,

@@ -5,13 +5,17 @@
 //! user-facing figures), `saturate` and `paced` (raw streams in the agent's batch shape: at most
 //! one report per register per batch), `stress` (the transport stress test: 64 reports per batch,
 //! 16 per register — not what sites send), `idle` (memory per stream), `storm` (kill -9 and
-//! restart: every site's resync must be acknowledged) and `recovery` (start-up from a snapshot
-//! plus a journal: the recovered totals must equal what was written).
+//! restart: every site's resync must be acknowledged), `recovery` (start-up from a snapshot
+//! plus a journal: the recovered totals must equal what was written) and `cluster` (one node
+//! beside three nodes over a local three-member etcd, the reference peak and a failover).
 //!
 //! Every run is checked against the machine's and the aggregator's limits first
 //! ([`preflight`]) and every loop is bounded in count and time.
 
 mod agents;
+pub mod cluster;
+mod cluster_faults;
+mod cluster_load;
 pub mod latency;
 mod lifecycle;
 mod load;
@@ -76,6 +80,11 @@ pub enum Mode {
     /// Saturate-style ingest without, then with, `--viewers` live-page (SSE) viewers: server
     /// memory per viewer, freshness, and the ingest throughput ratio.
     Sse,
+    /// 1 node with its journal beside 3 nodes on a 3-member etcd started for the run (the
+    /// installed `etcd`): saturate and paced (`--rate`) on each, etcd writes/s, watch lag
+    /// between nodes; then on the cluster the reference peak (1.5 M check-ins / 30 min, bursty)
+    /// through site agents, and kill -9 of the node holding a third of the streams (failover).
+    Cluster,
 }
 
 /// Flags of `headcount bench`.
@@ -194,6 +203,9 @@ pub enum BenchError {
     /// Flags that do not make sense together (refused before starting).
     #[error("{0}")]
     Args(String),
+    /// The local etcd cluster cannot run (`bench cluster`).
+    #[error("{0}")]
+    Etcd(#[from] crate::client::cluster::etcd::EtcdError),
     /// A check of the run failed: counts disagree, a resync was not acknowledged, a recovered
     /// total differs from what was written.
     #[error("{0}")]
@@ -280,6 +292,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         Mode::Tls => report.tls = Some(tls::run(&mut ctx, args).await?),
         Mode::Sse => report.sse = Some(sse::run(&ctx, args, args.viewers).await?),
         Mode::Recovery => recovery::run(&ctx, args, &mut report).await?,
+        Mode::Cluster => report.cluster = Some(cluster::run(&ctx, args).await?),
     }
     Ok(report)
 }

@@ -73,6 +73,9 @@ pub struct BenchReport {
     /// TLS beside plain text (tls).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<super::tls::TlsReport>,
+    /// One node beside the cluster, reference peak and failover (cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<super::cluster::ClusterReport>,
 }
 
 fn latency_line(out: &mut impl std::io::Write, what: &str, l: &Latency) {
@@ -90,6 +93,9 @@ pub fn print(r: &BenchReport, out: &mut impl std::io::Write) {
     }
     if let Some(tls) = &r.tls {
         return super::tls::print(tls, out);
+    }
+    if let Some(cluster) = &r.cluster {
+        return super::cluster::print(cluster, out);
     }
     let _ = writeln!(
         out,

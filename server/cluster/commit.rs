@@ -162,8 +162,9 @@ fn group(
     txns
 }
 
-/// The compare-and-set of one register (see the module's doc).
-fn compare_and_set(key: String, seq: u64, count: i64) -> TxnOp {
+/// The compare-and-set of one register as one etcd transaction operation (see the module's
+/// doc): writes `"<seq> <count>"` at `key` if etcd holds no value there or one with a lower seq.
+pub fn compare_and_set(key: String, seq: u64, count: i64) -> TxnOp {
     let value = keys::register_value(seq, count);
     let create = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
         key.clone(),

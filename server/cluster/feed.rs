@@ -18,7 +18,6 @@ use std::{
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use prost::Message;
 use rustc_hash::FxHashMap;
-use tokio::sync::mpsc;
 
 use crate::{
     proto::v1::Correction,
@@ -202,22 +201,15 @@ impl FeedState {
 }
 
 /// Watches from `revision + 1` until shutdown, applying every change; lists again after a
-/// compaction; answers progress requests (a reader waiting for a revision).
-pub async fn run(
-    mut state: FeedState,
-    client: Client,
-    prefix: String,
-    mut revision: u64,
-    mut progress: mpsc::Receiver<()>,
-) {
+/// compaction.
+pub async fn run(mut state: FeedState, client: Client, prefix: String, mut revision: u64) {
     let agg = state.agg.clone();
     let Some(rep) = agg.shared().replication.clone() else { return };
     let shutdown = agg.shared().shutdown.clone();
     let end = format!("{prefix}0");
     let mut failures = 0u32;
     loop {
-        let options =
-            WatchOptions::new().with_range(end.clone()).with_start_revision(revision as i64 + 1).with_progress_notify();
+        let options = WatchOptions::new().with_range(end.clone()).with_start_revision(revision as i64 + 1);
         let mut watch_client = client.watch_client();
         let watched = tokio::select! {
             w = watch_client.watch(format!("{prefix}/"), Some(options)) => w,
@@ -257,16 +249,8 @@ pub async fn run(
                                 EventType::Delete => state.remote.delete(kv.key()),
                             }
                         }
-                        // A progress notification (no events; sent only once the watch has
-                        // caught up) carries the store's revision. The creation response does
-                        // not: it comes before the events the watch still has to send.
-                        let seen = if response.created() {
-                            0
-                        } else if response.events().is_empty() {
-                            response.header().map_or(0, |h| h.revision())
-                        } else {
-                            last
-                        };
+                        // Only events move the applied revision (see `Replication::wait_applied`).
+                        let seen = last;
                         if seen > 0 {
                             revision = revision.max(seen as u64);
                             rep.set_applied(revision);
@@ -278,9 +262,6 @@ pub async fn run(
                         break false;
                     }
                 },
-                Some(()) = progress.recv() => {
-                    let _ = stream.request_progress().await;
-                }
                 () = shutdown.cancelled() => return,
             }
         };

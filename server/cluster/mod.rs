@@ -167,7 +167,8 @@ impl Aggregator {
         let lease = presence::start(&agg, &cluster, client.clone(), queues.presence, remote.clone())
             .await
             .map_err(|source| ClusterError::Etcd { endpoints: cluster.endpoints.join(","), source })?;
-        tokio::spawn(feed::run(state, client, cluster.prefix.clone(), revision, queues.progress));
+        tokio::spawn(feed::run(state, client, cluster.prefix.clone(), revision));
+        tokio::spawn(rep.clone().run_barriers(queues.barriers));
         commit::start(agg.clone(), d, rep.clone(), cluster.clone())?;
         tracing::info!(
             node = %cluster.node, revision, lease, registers = agg.shared().registers.len(),

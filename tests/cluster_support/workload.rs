@@ -263,9 +263,15 @@ pub async fn finals(cluster: &Cluster, nodes: &[usize], desks: &[(String, u32)])
         let channel = crate::common::channel_to(&cluster.url(i)).await;
         for (s, desk) in desks {
             let token = cluster.auth.site_token(s);
-            let stream = open_stream(channel.clone(), Some(&token), Some(s), Some(&desk.to_string()))
-                .await
-                .unwrap_or_else(|e| panic!("resume {s}/{desk} on {node}: {e:?}"));
+            // A node that was fenced off takes up to a keepalive round to accept streams again.
+            let stream = cluster
+                .eventually(&format!("resume {s}/{desk} on {node}"), || {
+                    let (channel, token, desk) = (channel.clone(), token.clone(), desk.to_string());
+                    async move {
+                        open_stream(channel, Some(&token), Some(s), Some(&desk)).await.map_err(|e| format!("{e:?}"))
+                    }
+                })
+                .await;
             for r in &stream.resume.registers {
                 regs.insert(Reg::new(s, desk, r.session), (r.seq, r.count));
             }

@@ -205,10 +205,11 @@ struct CutOff {
     probe: String,
 }
 
-/// Starts 3 nodes (node 0 behind proxies to etcd) under load, cuts node 0 off and checks that it
-/// stops acknowledging (its stream ends `UNAVAILABLE`, new ones are refused) and that its sites
-/// fail over and get everything acknowledged on the other nodes.
-async fn cut_off_node_0(seed: u64) -> CutOff {
+/// Starts 3 nodes (node 0 behind proxies to etcd) under load, cuts node 0 off (`silent`: its
+/// connections to etcd hang instead of closing) and checks that it stops acknowledging (its
+/// stream ends `UNAVAILABLE`, new ones are refused) and that its sites fail over and get
+/// everything acknowledged on the other nodes.
+async fn cut_off_node_0(seed: u64, silent: bool) -> CutOff {
     let c = Cluster::start(small_registry(), 3, &[0]).await;
     let mut w = Workload::spawn(&c, 24, &[0, 1, 2], seed);
     let readers = Readers::start(&c, &[0, 1, 2], w.history.clone(), &site_ids(&w), seed * 10).await;
@@ -228,7 +229,11 @@ async fn cut_off_node_0(seed: u64) -> CutOff {
     assert_eq!(ack.applied.first().map(|r| (r.seq, r.count)), Some((1, 5)));
     w.history.ack(reg.clone(), 1, 5);
 
-    c.cut(0);
+    if silent {
+        c.freeze(0);
+    } else {
+        c.cut(0);
+    }
     let cut = Instant::now();
     w.history.attempt(reg.clone(), 6);
     raw.send(common::batch(vec![report(1, 2, 6)])).await;
@@ -240,7 +245,10 @@ async fn cut_off_node_0(seed: u64) -> CutOff {
             c.logs()
         ),
     }
-    eprintln!("the cut-off node ended its stream {:?} after the cut (lease TTL {LEASE_TTL_S}s)", cut.elapsed());
+    eprintln!(
+        "the cut-off node (silent: {silent}) ended its stream {:?} after the cut (lease TTL {LEASE_TTL_S}s)",
+        cut.elapsed()
+    );
     c.eventually("node 0 refuses new streams while cut off", || async {
         let ch = common::channel_to(&c.url(0)).await;
         match open_stream(ch, Some(&c.auth.site_token(&probe)), Some(&probe), Some("1")).await {
@@ -261,8 +269,8 @@ async fn cut_off_node_0(seed: u64) -> CutOff {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_cut_off_from_etcd_stops_acking_and_its_sites_fail_over() {
-    let CutOff { c, w, readers, probe } = cut_off_node_0(4).await;
+async fn a_node_silently_partitioned_from_etcd_stops_acking_and_its_sites_fail_over() {
+    let CutOff { c, w, readers, probe } = cut_off_node_0(4, true).await;
     readers.stop().await;
     let (model, mut desks) = (w.model(), w.desk_ids());
     let history = w.shutdown().await;
@@ -278,7 +286,7 @@ async fn a_node_cut_off_from_etcd_stops_acking_and_its_sites_fail_over() {
             (etcd-client's keep_alive() returns Err(LeaseKeepAliveError(\"lease not found\")) for TTL 0; \
             server/cluster/presence.rs expects Ok with ttl 0), so it refuses streams forever"]
 async fn a_node_cut_off_from_etcd_catches_up_when_it_returns() {
-    let CutOff { c, w, readers, probe } = cut_off_node_0(5).await;
+    let CutOff { c, w, readers, probe } = cut_off_node_0(5, false).await;
     c.restore(0);
     c.eventually("node 0 accepts streams again", || async {
         let ch = common::channel_to(&c.url(0)).await;

@@ -134,6 +134,21 @@ async fn the_proxy_partitions_a_client_from_etcd_and_heals() {
     proxy.restore();
     eventually("writes through the healed proxy", QUORUM_DEADLINE, || put(&client, "p", "3")).await;
     assert_eq!(get(&direct, "p").await.unwrap().as_deref(), Some("3"));
+
+    // A silent partition: the open connection stays open but carries nothing; the request times
+    // out (no reset tells the client), and heals like a cut.
+    let forwarded = proxy.forwarded();
+    proxy.freeze();
+    let started = Instant::now();
+    let r = put(&client, "p", "4").await;
+    assert!(r.is_err(), "a put went through a frozen proxy: {r:?}");
+    let waited = started.elapsed();
+    assert!(waited < REQUEST_TIMEOUT + Duration::from_secs(3), "took {waited:?}");
+    assert_eq!(get(&direct, "p").await.unwrap().as_deref(), Some("3"));
+    assert_eq!(proxy.forwarded(), forwarded, "the frozen proxy forwarded a new connection");
+    proxy.restore();
+    eventually("writes after the silent partition heals", QUORUM_DEADLINE, || put(&client, "p", "5")).await;
+    assert_eq!(get(&direct, "p").await.unwrap().as_deref(), Some("5"));
 }
 
 // ───────────────────────────── the checker on hand-made histories ─────────────────────────────

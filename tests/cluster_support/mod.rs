@@ -110,6 +110,13 @@ impl Cluster {
         self.nodes[i].proxies.iter().for_each(CutProxy::cut);
     }
 
+    /// Partitions node `i` from etcd silently: its connections stay open but carry nothing (it
+    /// must have been started behind proxies).
+    pub fn freeze(&self, i: usize) {
+        assert!(!self.nodes[i].proxies.is_empty(), "node {i} was not started behind proxies");
+        self.nodes[i].proxies.iter().for_each(CutProxy::freeze);
+    }
+
     /// Reconnects node `i` to etcd.
     pub fn restore(&self, i: usize) {
         self.nodes[i].proxies.iter().for_each(CutProxy::restore);

@@ -1,7 +1,9 @@
-//! A TCP proxy on 127.0.0.1 that can cut a process off from what it talks to (a network
-//! partition): `cut()` drops every connection through it and blackholes new ones (accepted, never
-//! forwarded, never answered, like packets lost on the way), `restore()` lets new connections
-//! through again. Used between an aggregator node and the etcd members it is given.
+//! A TCP proxy on 127.0.0.1 that can cut a process off from what it talks to: `cut()` closes every
+//! connection through it and blackholes new ones (accepted, never forwarded, never answered, like
+//! packets lost on the way); `freeze()` is a silent partition: open connections stay open but
+//! nothing crosses them any more (no FIN, no RST: only timeouts and keepalives can notice), new
+//! ones are blackholed; `restore()` closes what was held and lets new connections through again.
+//! Used between an aggregator node and the etcd members it is given.
 
 use std::{
     net::SocketAddr,
@@ -17,12 +19,23 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// The proxy's state: `epoch` changes on every cut and restore, ending the connections of the
-/// previous epoch; `cut` says whether new connections are blackholed.
+/// What the proxy does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Forwards.
+    Open,
+    /// Closed the open connections; blackholes new ones.
+    Cut,
+    /// Holds the open connections silently; blackholes new ones.
+    Frozen,
+}
+
+/// The proxy's state: `epoch` changes on every change of mode, ending (or freezing) the
+/// connections of the previous epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct State {
     epoch: u64,
-    cut: bool,
+    mode: Mode,
 }
 
 /// A cuttable TCP proxy in front of one upstream address. Dropping it closes every connection.
@@ -40,7 +53,7 @@ impl CutProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a proxy on 127.0.0.1");
         let addr = listener.local_addr().expect("proxy address");
-        let (state, rx) = watch::channel(State { epoch: 0, cut: false });
+        let (state, rx) = watch::channel(State { epoch: 0, mode: Mode::Open });
         let forwarded = Arc::new(AtomicU64::new(0));
         let blackholed = Arc::new(AtomicU64::new(0));
         let accept_task = tokio::spawn({
@@ -50,7 +63,7 @@ impl CutProxy {
                 while let Ok((down, _)) = listener.accept().await {
                     let rx = rx.clone();
                     let now = *rx.borrow();
-                    if now.cut {
+                    if now.mode != Mode::Open {
                         blackholed.fetch_add(1, Ordering::Relaxed);
                     } else {
                         forwarded.fetch_add(1, Ordering::Relaxed);
@@ -67,27 +80,34 @@ impl CutProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Partitions: closes every connection through the proxy and blackholes new ones until
+    fn set(&self, mode: Mode) {
+        self.state.send_modify(|s| {
+            s.epoch += 1;
+            s.mode = mode;
+        });
+    }
+
+    /// Partitions loudly: closes every connection through the proxy and blackholes new ones until
     /// [`CutProxy::restore`].
     pub fn cut(&self) {
-        self.state.send_modify(|s| {
-            s.epoch += 1;
-            s.cut = true;
-        });
+        self.set(Mode::Cut);
     }
 
-    /// Heals the partition: new connections are forwarded again (blackholed ones are closed, as a
+    /// Partitions silently: open connections stay open but carry nothing more; new ones are
+    /// blackholed, until [`CutProxy::restore`].
+    pub fn freeze(&self) {
+        self.set(Mode::Frozen);
+    }
+
+    /// Heals the partition: new connections are forwarded again (held ones are closed, as a
     /// client would have given up on them).
     pub fn restore(&self) {
-        self.state.send_modify(|s| {
-            s.epoch += 1;
-            s.cut = false;
-        });
+        self.set(Mode::Open);
     }
 
-    /// True while cut.
+    /// True while cut or frozen.
     pub fn is_cut(&self) -> bool {
-        self.state.borrow().cut
+        self.state.borrow().mode != Mode::Open
     }
 
     /// Connections forwarded so far.
@@ -101,27 +121,30 @@ impl CutProxy {
     }
 }
 
-/// One accepted connection: forwarded (or held, when accepted while cut) until the epoch it was
-/// accepted in ends or the proxy is dropped.
+/// One accepted connection: forwarded until the epoch it was accepted in ends (then closed, or
+/// held silently until the next change when frozen), held from the start when accepted while not
+/// open; everything ends when the proxy is dropped.
 async fn connection(mut down: TcpStream, upstream: SocketAddr, at: State, mut rx: watch::Receiver<State>) {
-    let epoch_over = async move {
-        // Err: the proxy was dropped.
-        let _ = rx.wait_for(|s| s.epoch != at.epoch).await;
-    };
-    if at.cut {
-        epoch_over.await; // blackholed: nothing read, nothing sent
+    // The next state after `epoch`; None once the proxy is dropped.
+    async fn next(rx: &mut watch::Receiver<State>, epoch: u64) -> Option<State> {
+        rx.wait_for(|s| s.epoch != epoch).await.ok().map(|s| *s)
+    }
+    if at.mode != Mode::Open {
+        next(&mut rx, at.epoch).await; // blackholed: nothing read, nothing sent
         return;
     }
-    let forward = async {
-        let Ok(mut up) = TcpStream::connect(upstream).await else { return };
-        let _ = down.set_nodelay(true);
-        let _ = up.set_nodelay(true);
-        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    let Ok(mut up) = TcpStream::connect(upstream).await else { return };
+    let _ = down.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    let changed = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => return,
+        changed = next(&mut rx, at.epoch) => changed,
     };
-    tokio::select! {
-        () = forward => {}
-        () = epoch_over => {}
+    if let Some(frozen @ State { mode: Mode::Frozen, .. }) = changed {
+        // Both sockets stay open, unread and unwritten, until the partition heals.
+        next(&mut rx, frozen.epoch).await;
     }
+    drop((down, up));
 }
 
 impl Drop for CutProxy {

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{credentials::CredentialArgs, site_config::SiteConfig};
+use super::{aggregators::ServerList, credentials::CredentialArgs, site_config::SiteConfig};
 use crate::server::{
     auth::Grant,
     registry::{self, Registry, Site},
@@ -26,7 +26,10 @@ pub struct ProvisionArgs {
     /// IANA time zone of session rows without one.
     #[arg(long, default_value = registry::sessions::DEFAULT_TIME_ZONE)]
     pub time_zone: String,
-    /// The aggregator's URL as the sites reach it, e.g. `https://headcount.example.vn:50051`.
+    /// The aggregator's URL as the sites reach it, e.g. `https://headcount.example.vn:50051`; with
+    /// several aggregator nodes, all their URLs comma-separated: every site gets every address,
+    /// each site's list starting at a different node (rotated by the site's position in the
+    /// registry), so the sites spread over the nodes.
     #[arg(long)]
     pub server: String,
     /// The CA certificate that signed the aggregator's certificate (copied into each bundle).
@@ -68,6 +71,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
 pub fn run(args: &ProvisionArgs) -> Result<ProvisionReport, String> {
     let options = registry::csv::LoadOptions { time_zone: args.time_zone.clone() };
     let registry = registry::csv::load_with(&args.sites, &args.sessions, &options).map_err(|e| e.to_string())?;
+    let servers: ServerList = args.server.parse().map_err(|e| format!("--server: {e}"))?;
     let auth = args.credentials.auth()?;
     let ca = args
         .ca
@@ -94,8 +98,9 @@ pub fn run(args: &ProvisionArgs) -> Result<ProvisionReport, String> {
             "token_id",
         ])
         .map_err(|e| e.to_string())?;
-        for site in &registry.sites {
-            let (dir, token_id) = bundle(args, &registry, site, &auth, ca.as_deref())?;
+        for (i, site) in registry.sites.iter().enumerate() {
+            let server = rotated(&servers, i);
+            let (dir, token_id) = bundle(args, &server, &registry, site, &auth, ca.as_deref())?;
             let province = registry.provinces.get(site.province as usize).map_or("", |p| p.name.as_str());
             let commune = registry.communes.get(site.commune as usize).map_or("", |c| c.name.as_str());
             let show = |f: &str| dir.join(f).display().to_string();
@@ -129,8 +134,16 @@ fn folder_name(id: &str) -> Result<&str, String> {
     Ok(id)
 }
 
+/// The addresses starting at the `i`-th (modulo their count), comma-separated.
+pub fn rotated(servers: &ServerList, i: usize) -> String {
+    let urls = servers.urls();
+    let start = i % urls.len().max(1);
+    urls[start..].iter().chain(&urls[..start]).cloned().collect::<Vec<_>>().join(",")
+}
+
 fn bundle(
     args: &ProvisionArgs,
+    server: &str,
     registry: &Registry,
     site: &Site,
     auth: &crate::server::Auth,
@@ -146,7 +159,7 @@ fn bundle(
         std::fs::write(dir.join(CA_FILE), ca).map_err(io(&dir.join(CA_FILE)))?;
     }
     let config = SiteConfig {
-        server: Some(args.server.clone()),
+        server: Some(server.to_owned()),
         site: Some(site.id.clone()),
         desks: Some(site.desks),
         desk: Some(1),
@@ -161,7 +174,7 @@ fn bundle(
         format!("# Headcount site agent — {} ({})\n# Run: headcount site --config {CONFIG_FILE}\n", site.name, site.id);
     std::fs::write(dir.join(CONFIG_FILE), header + &toml).map_err(io(&dir.join(CONFIG_FILE)))?;
     let province = registry.provinces.get(site.province as usize).map_or("", |p| p.name.as_str());
-    std::fs::write(dir.join(SHEET_FILE), sheet(site, province, &args.server, args.credentials.expires))
+    std::fs::write(dir.join(SHEET_FILE), sheet(site, province, server, args.credentials.expires))
         .map_err(io(&dir.join(SHEET_FILE)))?;
     Ok((dir, token_id))
 }
@@ -211,4 +224,19 @@ Nếu mất máy hoặc lộ mã truy cập: gọi ngay ban điều hành để 
         name = site.name,
         id = site.id,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_site_gets_every_address_starting_at_another_node() {
+        let l: ServerList = "https://a:1,https://b:1,https://c:1".parse().expect("three URLs");
+        assert_eq!(rotated(&l, 0), "https://a:1,https://b:1,https://c:1");
+        assert_eq!(rotated(&l, 1), "https://b:1,https://c:1,https://a:1");
+        assert_eq!(rotated(&l, 5), "https://c:1,https://a:1,https://b:1");
+        let one: ServerList = "https://a:1".parse().expect("one URL");
+        assert_eq!(rotated(&one, 7), "https://a:1");
+    }
 }

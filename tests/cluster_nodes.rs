@@ -209,3 +209,61 @@ async fn the_compare_and_set_on_seq_creates_raises_and_never_lowers() {
     assert_eq!(write(u64::MAX, 3).await, (u64::MAX, 3));
     assert_eq!(write(u64::MAX - 1, 4).await, (u64::MAX, 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_across_a_compaction_lists_again_and_ends_exact() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let (_dir, etcd) = etcd().await;
+    let registry = small_registry();
+    let upstream = etcd.endpoint(0).trim_start_matches("http://").parse().expect("etcd endpoint is host:port");
+    let proxy = common::Proxy::start(upstream).await;
+    let a = node(&registry, etcd.endpoints(), "a").await;
+    let b = node(&registry, vec![proxy.url()], "b").await;
+    let (ta, tb) = (
+        common::TestServer { server: a.server, auth: auth(), registry: registry.clone() },
+        common::TestServer { server: b.server, auth: auth(), registry: registry.clone() },
+    );
+    let (reader_a, reader_b) = (ta.reader().await, tb.reader().await);
+    let ch = ta.channel().await;
+    let mut first = ta.open(&ch, &registry.sites[0].id, 1).await;
+    first.send_batch(vec![report(1, 1, 5)]).await;
+    eventually("node b sees the first write", DEADLINE, || async {
+        let n = reader_b.count(national(), Some(1)).await;
+        if n == 5 { Ok(()) } else { Err(format!("b shows {n}")) }
+    })
+    .await;
+    // Cut node b off from etcd; meanwhile node a writes and etcd compacts its history.
+    proxy.set_blocked(true);
+    proxy.cut_all().await;
+    for (i, s) in registry.sites.iter().enumerate().skip(1).take(8) {
+        let mut stream = ta.open(&ch, &s.id, 1).await;
+        stream.send_batch(vec![report(1, 1, i as i64)]).await;
+    }
+    first.send_batch(vec![correction(1, 2, 3, "recount while b was away")]).await;
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    let now = client.get("/headcount/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    let revision = now.header().unwrap().revision();
+    client.compact(revision, None).await.expect("compact etcd's history");
+    eventually("node b fences itself off within its lease", DEADLINE, || async {
+        if b.agg.shared().replication.as_ref().unwrap().is_healthy() { Err("still healthy".to_owned()) } else { Ok(()) }
+    })
+    .await;
+    // Back: its watch cannot resume from a compacted revision, so it lists again.
+    proxy.set_blocked(false);
+    let want = reader_a.count(national(), Some(1)).await;
+    assert_eq!(want, 3 + (1..=8).sum::<i64>());
+    eventually("node b lists again and shows node a's totals", DEADLINE, || async {
+        let n = reader_b.count(national(), Some(1)).await;
+        if n == want { Ok(()) } else { Err(format!("b shows {n}, a {want}")) }
+    })
+    .await;
+    eventually("node b accepts streams again", DEADLINE, || async {
+        if b.agg.shared().replication.as_ref().unwrap().is_healthy() { Ok(()) } else { Err("fenced".to_owned()) }
+    })
+    .await;
+    let trail = reader_b.corrections(0).await.corrections;
+    assert_eq!(trail.len(), 1, "the correction made while b was away is in its trail, once");
+}

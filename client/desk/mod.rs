@@ -49,6 +49,8 @@ pub struct SessionStatus {
 pub struct DeskStatus {
     /// A stream to the aggregator is open.
     pub connected: bool,
+    /// The URL of the aggregator of the current (or last) stream; empty before the first.
+    pub aggregator: String,
     /// This agent's register slot at the aggregator (0: not known yet).
     pub agent_slot: u32,
     /// Agent installs reporting for this site, this one included.
@@ -95,6 +97,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<DeskStatus> {
         .collect();
     Json(DeskStatus {
         connected: st.connected,
+        aggregator: st.aggregator.clone(),
         agent_slot: st.agent_slot,
         site_agents: st.site_agents,
         current_session: agent.session_now().ok(),

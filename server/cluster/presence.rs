@@ -114,26 +114,19 @@ impl Presence {
 
     /// One keepalive round; takes a new lease (and puts every key back) when the old one expired.
     async fn keep_alive(&mut self) -> bool {
-        let timeout = self.rep.catch_up_timeout;
-        let renewed = tokio::time::timeout(timeout, async {
+        let renewed = tokio::time::timeout(self.rep.catch_up_timeout, async {
             let (mut keeper, mut stream) = self.client.lease_client().keep_alive(self.lease).await?;
             keeper.keep_alive().await?;
             Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
         })
         .await;
+        // etcd answers a keepalive of an expired lease with TTL 0; etcd-client turns that into
+        // this error.
+        let expired = |e: &etcd_client::Error| matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m.contains("lease not found"));
         match renewed {
             Ok(Ok(ttl)) if ttl > 0 => true,
-            Ok(Ok(_)) => {
-                tracing::warn!(node = %self.rep.node, "lease expired; taking a new one");
-                match tokio::time::timeout(timeout, grant(&self.client, &self.rep, self.ttl)).await {
-                    Ok(Ok(lease)) => {
-                        self.lease = lease;
-                        self.dirty.extend(self.counts.iter().filter(|(_, n)| **n > 0).map(|(s, _)| *s));
-                        true
-                    }
-                    _ => false,
-                }
-            }
+            Ok(Ok(_)) => self.renew().await,
+            Ok(Err(e)) if expired(&e) => self.renew().await,
             Ok(Err(e)) => {
                 tracing::warn!(node = %self.rep.node, error = %e, "lease keepalive failed");
                 false
@@ -142,6 +135,23 @@ impl Presence {
                 tracing::warn!(node = %self.rep.node, "lease keepalive timed out");
                 false
             }
+        }
+    }
+
+    /// Takes a new lease (the old one expired) and marks every key to be put back on it.
+    async fn renew(&mut self) -> bool {
+        tracing::warn!(node = %self.rep.node, "lease expired; taking a new one");
+        match tokio::time::timeout(self.rep.catch_up_timeout, grant(&self.client, &self.rep, self.ttl)).await {
+            Ok(Ok(lease)) => {
+                self.lease = lease;
+                self.dirty.extend(self.counts.iter().filter(|(_, n)| **n > 0).map(|(s, _)| *s));
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %self.rep.node, error = %e, "cannot take a new lease");
+                false
+            }
+            Err(_) => false,
         }
     }
 

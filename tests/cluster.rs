@@ -196,6 +196,10 @@ async fn etcd_losing_one_member_keeps_ingest_two_stop_acks_and_their_return_ends
     judge(&history, &c, &finals);
 }
 
+/// How soon a node that lost etcd must end its streams: its lease TTL, plus up to two etcd
+/// request timeouts (3 s) for the keepalive that notices, plus slack for a loaded machine.
+const FENCE_BOUND: Duration = Duration::from_secs(LEASE_TTL_S + 8);
+
 /// A node cut off from etcd, its sites failed over: what the two cut-off tests share.
 struct CutOff {
     c: Cluster,
@@ -245,10 +249,11 @@ async fn cut_off_node_0(seed: u64, silent: bool) -> CutOff {
             c.logs()
         ),
     }
+    let fenced = cut.elapsed();
     eprintln!(
-        "the cut-off node (silent: {silent}) ended its stream {:?} after the cut (lease TTL {LEASE_TTL_S}s)",
-        cut.elapsed()
+        "the cut-off node (silent: {silent}) ended its stream {fenced:?} after the cut (lease TTL {LEASE_TTL_S}s)"
     );
+    assert!(fenced <= FENCE_BOUND, "node 0 kept its stream {fenced:?} after it lost etcd (bound {FENCE_BOUND:?})");
     c.eventually("node 0 refuses new streams while cut off", || async {
         let ch = common::channel_to(&c.url(0)).await;
         match open_stream(ch, Some(&c.auth.site_token(&probe)), Some(&probe), Some("1")).await {
@@ -269,6 +274,10 @@ async fn cut_off_node_0(seed: u64, silent: bool) -> CutOff {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "server bug (issue 13): a node that lost etcd ends its streams 3.6-18 s after (lease TTL 2 s), at \
+            times never within 20 s: in server/cluster/presence.rs the keepalive tick (which alone fences) \
+            competes in one select! with the stream-presence flush, whose write blocks for the 3 s request \
+            timeout and re-dirties, and whose Burst interval is always ready: the keepalive branch wins 1 in 4"]
 async fn a_node_silently_partitioned_from_etcd_stops_acking_and_its_sites_fail_over() {
     let CutOff { c, w, readers, probe } = cut_off_node_0(4, true).await;
     readers.stop().await;
@@ -282,9 +291,8 @@ async fn a_node_silently_partitioned_from_etcd_stops_acking_and_its_sites_fail_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug (issue 13): a node whose lease expired while cut off never takes a new one \
-            (etcd-client's keep_alive() returns Err(LeaseKeepAliveError(\"lease not found\")) for TTL 0; \
-            server/cluster/presence.rs expects Ok with ttl 0), so it refuses streams forever"]
+#[ignore = "server bug (issue 13): the fence is late or never comes (see \
+            a_node_silently_partitioned_from_etcd_stops_acking_and_its_sites_fail_over)"]
 async fn a_node_cut_off_from_etcd_catches_up_when_it_returns() {
     let CutOff { c, w, readers, probe } = cut_off_node_0(5, false).await;
     c.restore(0);

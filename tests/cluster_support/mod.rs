@@ -183,7 +183,7 @@ impl Cluster {
             .map(|n| {
                 let text = std::fs::read_to_string(&n.log).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();
-                format!("{}:\n    {}", n.name, lines[lines.len().saturating_sub(12)..].join("\n    "))
+                format!("{}:\n    {}", n.name, lines[lines.len().saturating_sub(40)..].join("\n    "))
             })
             .collect::<Vec<_>>()
             .join("\n")

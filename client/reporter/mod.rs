@@ -13,6 +13,7 @@
 
 mod actor;
 pub mod backoff;
+mod file_store;
 mod reconcile;
 pub mod state;
 
@@ -227,12 +228,15 @@ pub struct Reporter {
 impl Reporter {
     /// Loads the state from `store` and starts reporting over `channel` (which may be shared).
     pub fn spawn(channel: Channel, config: ReporterConfig, store: Arc<dyn StateStore>) -> Result<Self, ReporterError> {
-        let state = match store.load()? {
+        let (state, saved) = match store.load()? {
             Some(s) if s.site != config.site || s.desk != config.desk => {
                 return Err(ReporterError::WrongState { site: s.site, desk: s.desk });
             }
-            Some(s) => s,
-            None => LocalState { version: 1, site: config.site.clone(), desk: config.desk, ..LocalState::default() },
+            Some(s) => (s, true),
+            None => (
+                LocalState { version: 1, site: config.site.clone(), desk: config.desk, ..LocalState::default() },
+                false,
+            ),
         };
         let auth = bearer(&config.token)?;
         let (commands, rx) = mpsc::channel(256);
@@ -243,7 +247,7 @@ impl Reporter {
         };
         let (status_tx, status) = watch::channel(status);
         let (max_reason, max_count) = (config.max_reason, config.max_count);
-        let actor = actor::Actor::new(channel, config, auth, store, state, status_tx, rx);
+        let actor = actor::Actor::new(channel, config, auth, store, state, saved, status_tx, rx);
         // No span on the task (it would be entered on every poll, 20,000 times over in the
         // simulation); log lines carry site and desk.
         let task = tokio::spawn(actor.run());

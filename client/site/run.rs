@@ -4,6 +4,7 @@
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     sync::mpsc,
@@ -165,8 +166,7 @@ async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode
                         line.pop();
                     }
                     number += 1;
-                    let (agent, source) = (agent.clone(), format!("line {number}"));
-                    burst.push((tokio::spawn(async move { agent.line(&line, mode, &source).await }), number));
+                    burst.push((line, number));
                 }
                 Err(e) => {
                     out(format!("REFUSED reading standard input failed: {e}"));
@@ -180,10 +180,20 @@ async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode
         if burst.is_empty() {
             break;
         }
-        for (task, number) in burst {
-            if let Ok(a) = task.await {
-                print(&out, &a, &format!("line {number}"));
-            }
+        // A burst's lines are in flight together (the agent saves them as one group), in input
+        // order: `buffered` polls them in order, and each hands its command to the reporter in
+        // its first poll (the reporter's channel is fair), so the first copy of a repeated badge
+        // is the one counted. No task per line: spawned tasks would race for the channel.
+        let agent = &agent;
+        let mut answers = futures_util::stream::iter(burst)
+            .map(|(line, number)| async move {
+                let source = format!("line {number}");
+                let a = agent.line(&line, mode, &source).await;
+                (a, source)
+            })
+            .buffered(1024);
+        while let Some((a, source)) = answers.next().await {
+            print(&out, &a, &source);
         }
     }
     let _ = done.send(()).await;

@@ -4,7 +4,7 @@
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, stream::FuturesOrdered};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     sync::mpsc,
@@ -149,9 +149,9 @@ fn print(out: &Out, a: &super::Answer, source: &str) {
     }
 }
 
-/// Reads standard input to its end. Lines already buffered are handled concurrently, so a fast
-/// scanner or a replayed file costs one state save per burst (group commit), not per line;
-/// answers are still printed in input order.
+/// Reads standard input to its end. Lines already buffered are in flight together, so a fast
+/// scanner or a replayed file costs one state save per burst (group commit), not per line; they
+/// are handed to the reporter and answered in input order.
 async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode, out: Out, done: mpsc::Sender<()>) {
     let mut input = BufReader::new(input);
     let mut number = 0u64;
@@ -180,20 +180,18 @@ async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode
         if burst.is_empty() {
             break;
         }
-        // A burst's lines are in flight together (the agent saves them as one group), in input
-        // order: `buffered` polls them in order, and each hands its command to the reporter in
-        // its first poll (the reporter's channel is fair), so the first copy of a repeated badge
-        // is the one counted. No task per line: spawned tasks would race for the channel.
-        let agent = &agent;
-        let mut answers = futures_util::stream::iter(burst)
-            .map(|(line, number)| async move {
-                let source = format!("line {number}");
-                let a = agent.line(&line, mode, &source).await;
-                (a, source)
-            })
-            .buffered(1024);
-        while let Some((a, source)) = answers.next().await {
-            print(&out, &a, &source);
+        // A burst's lines are in flight together (the agent saves them as one group), handed to
+        // the reporter one after the other in input order, so the first copy of a repeated badge
+        // is the one counted; then their answers are printed in the same order. (A task per line,
+        // or futures racing for the reporter's channel, could hand them over in another order.)
+        let sources: Vec<String> = burst.iter().map(|(_, number)| format!("line {number}")).collect();
+        let mut answers = FuturesOrdered::new();
+        for ((line, _), source) in burst.iter().zip(&sources) {
+            answers.push_back(agent.queue_line(line, mode, source).await);
+        }
+        let mut sources = sources.iter();
+        while let Some(a) = answers.next().await {
+            print(&out, &a, sources.next().map_or("", String::as_str));
         }
     }
     let _ = done.send(()).await;

@@ -76,13 +76,14 @@ pub struct SimulateArgs {
     /// Run the aggregator without its journal (by default it journals to a temporary directory).
     #[arg(long)]
     pub in_memory: bool,
-    /// People, not lines: one site agent per site (its own install slot) serves all the site's
-    /// desks, which scan delegates' badges (with repeat scans, also at another desk, answered
-    /// "already checked in"); `--reconnects` agents are killed and restarted from their state;
-    /// every level must equal the number of distinct delegates. Off: one reporter per desk
-    /// sending head counts (the throughput model).
+    /// The register model instead of the people model: one reporter per desk sending head counts
+    /// (with duplicate batches, `--reconnects` forced stream reconnects and `--corrections`; the
+    /// throughput model). By default (the people model) one site agent per site (its own install
+    /// slot) serves all the site's desks, which scan delegates' badges (with repeat scans, also
+    /// at another desk, answered "already checked in"); `--reconnects` agents are killed and
+    /// restarted from their state; every level must equal the number of distinct delegates.
     #[arg(long)]
-    pub badges: bool,
+    pub registers: bool,
     /// Cluster mode: run N aggregator nodes (`headcount-server` processes) over etcd instead of
     /// one in-process aggregator, spread the sites over them (each agent given every node's
     /// address, its own first), kill -9 one node in the middle, and check every level on every
@@ -124,7 +125,7 @@ impl Default for SimulateArgs {
             ticks_per_second: 2,
             flush_timeout: Duration::from_secs(120),
             in_memory: false,
-            badges: false,
+            registers: false,
             json: false,
             quiet: true,
             http_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -259,7 +260,7 @@ pub(super) fn plan(registry: &Registry, args: &SimulateArgs, rng: &mut ChaCha8Rn
 
 /// Fraction of a session's arrivals that have arrived at `x` ∈ [0, 1] of its window: a
 /// logistic burst peaking at 60 % of the window (the rush before the start), normalised to 0..1.
-fn arrived(x: f64) -> f64 {
+pub(super) fn arrived(x: f64) -> f64 {
     let f = |x: f64| 1.0 / (1.0 + (-(x - 0.6) * 12.0).exp());
     ((f(x.clamp(0.0, 1.0)) - f(0.0)) / (f(1.0) - f(0.0))).clamp(0.0, 1.0)
 }
@@ -273,7 +274,12 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
         return Err(SimulateError::Args("--sites, --ticks-per-second and --sites-per-connection must be > 0".into()));
     }
     let registry = generate(&GenerateOptions { sites: args.sites, seed: args.seed, ..GenerateOptions::default() });
-    let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
+    // People model: every site's agent is a fresh install whose first stream waits for two
+    // journal flushes (its slot claim, then its resume), and all of them start within the first
+    // tick (a real event spreads them over the morning). Admit them all at once rather than
+    // refusing most with RESOURCE_EXHAUSTED and letting them back off (that path has its own tests).
+    let max_concurrent_handshakes = if args.registers { 512 } else { registry.sites.len().max(512) };
+    let transport = Transport { max_streams_per_connection: 4096, max_concurrent_handshakes, ..Transport::default() };
     check_limits(args, &registry, &transport)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let plan = plan(&registry, args, &mut rng);
@@ -321,7 +327,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     let mut reporters: Vec<Arc<Reporter>> = Vec::with_capacity(plan.desks.len());
     for dp in &plan.desks {
         let site = &registry.sites[dp.site as usize];
-        if args.badges {
+        if !args.registers {
             break; // badge mode: each site's driver runs (and restarts) its own agent
         }
         let mut cfg = ReporterConfig::new(site.id.clone(), dp.desk, auth.site_token(&site.id));
@@ -352,7 +358,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     // Badge mode: the site agents, kept running (heartbeats) until the totals are verified.
     // A std Mutex: held only to push or take.
     let agents: Arc<std::sync::Mutex<Vec<Arc<Reporter>>>> = Arc::default();
-    if args.badges {
+    if !args.registers {
         // One agent per site serving its desks (consecutive in the plan), some restarted.
         let mut per_site: Vec<Vec<&DeskPlan>> = Vec::new();
         for dp in &plan.desks {
@@ -374,7 +380,9 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
             // Badge runs take longer than `--duration`: keep finished sites "reporting".
             config.heartbeat_interval = args.duration.max(Duration::from_secs(10)) / 3;
             let one = super::simulate_badges::Site {
-                channel: channels[desks_of_site[0].site as usize / per_conn].clone(),
+                aggregators: super::aggregators::Aggregators::single(
+                    channels[desks_of_site[0].site as usize / per_conn].clone(),
+                ),
                 config,
                 desks: desks_of_site.iter().map(|d| d.totals.clone()).collect(),
                 sessions: registry.sessions.iter().map(|s| s.id).collect(),

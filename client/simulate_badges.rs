@@ -9,12 +9,14 @@ use std::sync::{
     atomic::{AtomicU64, Ordering::Relaxed},
 };
 
+use super::{
+    aggregators::Aggregators,
+    reporter::{Reporter, ReporterConfig, ReporterError, state::MemoryStore},
+};
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokio::{task::JoinSet, time::Instant};
-use tonic::transport::Channel;
-
-use super::reporter::{Reporter, ReporterConfig, ReporterError, state::MemoryStore};
+use tokio::time::Instant;
 
 /// Probability that an arrival comes with a repeat scan of some delegate of the site.
 pub const REPEAT_PROBABILITY: f64 = 0.05;
@@ -26,8 +28,8 @@ pub fn badge_id(desk: u32, i: u32) -> String {
 
 /// One site in badge mode.
 pub struct Site {
-    /// A channel to the aggregator.
-    pub channel: Channel,
+    /// The aggregators the agent may use, in order (one, or every cluster node).
+    pub aggregators: Aggregators,
     /// The agent's settings (`agent_install` set).
     pub config: ReporterConfig,
     /// Distinct delegates per desk (index = desk − 1) and session index.
@@ -65,7 +67,9 @@ pub async fn drive_site(
 ) -> Result<(u32, Arc<Reporter>), ReporterError> {
     let mut rng = ChaCha8Rng::seed_from_u64(site.seed);
     let store = Arc::new(MemoryStore::new());
-    let spawn = || Reporter::spawn(site.channel.clone(), site.config.clone(), store.clone()).map(Arc::new);
+    let spawn = || Reporter::spawn_with(site.aggregators.clone(), site.config.clone(), store.clone()).map(Arc::new);
+    // Agents start at their own moment (as site laptops do), not all in one instant.
+    tokio::time::sleep(timing.phase).await;
     let mut reporter = spawn()?;
     let n_sessions = site.sessions.len().max(1);
     // Restart moments: (session index, fraction of its window).
@@ -74,7 +78,7 @@ pub async fn drive_site(
     restart_at.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let mut restarts = 0;
     let window = timing.duration / n_sessions as u32;
-    let start = Instant::now() + timing.phase;
+    let start = Instant::now();
     for (s, &session) in site.sessions.iter().enumerate() {
         let begin = start + window * s as u32;
         let targets: Vec<u32> = site.desks.iter().map(|d| d.get(s).copied().unwrap_or(0)).collect();
@@ -84,32 +88,31 @@ pub async fn drive_site(
             at += timing.tick;
             tokio::time::sleep_until(at).await;
             let x = (at - begin).as_secs_f64() / window.as_secs_f64();
-            let mut scans = JoinSet::new();
+            // The desks' scans of this tick, in flight together (the agent commits them as one
+            // group): futures polled here, no task per badge.
+            let scans = FuturesUnordered::new();
             let mut arrivals = 0u64;
             for (k, (&target, done)) in targets.iter().zip(sent.iter_mut()).enumerate() {
                 let due = if x >= 1.0 { target } else { ((f64::from(target) * arrived(x)).round() as u32).min(target) };
                 for i in *done..due {
-                    scan(&mut scans, &reporter, session, badge_id(k as u32 + 1, i));
+                    scans.push(reporter.badge(session, badge_id(k as u32 + 1, i)));
                     if rng.random_bool(REPEAT_PROBABILITY) {
                         // Someone scanned again, here or at another desk of the site.
                         let other = rng.random_range(0..targets.len());
                         let known = if other == k { i + 1 } else { targets[other] };
                         if known > 0 {
-                            scan(
-                                &mut scans,
-                                &reporter,
-                                session,
-                                badge_id(other as u32 + 1, rng.random_range(0..known)),
-                            );
+                            scans.push(reporter.badge(session, badge_id(other as u32 + 1, rng.random_range(0..known))));
                         }
                     }
                 }
                 arrivals += u64::from(due.saturating_sub(*done));
                 *done = due.max(*done);
             }
-            while let Some(r) = scans.join_next().await {
-                r.map_err(|_| ReporterError::Stopped)??;
+            let mut scans = scans;
+            while let Some(r) = scans.next().await {
+                r?;
             }
+            drop(scans);
             progress.fetch_add(arrivals, Relaxed);
             if restart_at.first().is_some_and(|&(rs, rx)| rs < s || (rs == s && rx <= x)) {
                 restart_at.remove(0);
@@ -126,9 +129,4 @@ pub async fn drive_site(
     }
     reporter.flush(timing.flush_timeout).await?;
     Ok((restarts, reporter))
-}
-
-fn scan(scans: &mut JoinSet<Result<(), ReporterError>>, reporter: &Arc<Reporter>, session: u32, badge: String) {
-    let r = reporter.clone();
-    scans.spawn(async move { r.badge(session, badge).await.map(drop) });
 }

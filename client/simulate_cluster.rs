@@ -19,11 +19,15 @@ use tonic::transport::Channel;
 
 use super::{
     aggregators::{Aggregator, Aggregators},
-    bench::process::{ServerProcess, ServerSpec, sibling_binary},
-    cluster::etcd::LocalEtcd,
+    bench::process::{ServerSpec, sibling_binary},
+    cluster::{etcd::LocalEtcd, nodes::NodeSet},
     connect::{authorized, endpoint},
     reporter::{Reporter, ReporterConfig, backoff::BackoffConfig, state::MemoryStore},
-    simulate::{SimulateArgs, SimulateError, SimulationReport, check_limits, drive_desk, plan, verify, watch_national},
+    simulate::{
+        DeskPlan, Plan, SimulateArgs, SimulateError, SimulationReport, arrived, check_limits, drive_desk, plan, verify,
+        watch_national,
+    },
+    simulate_badges::{Site, Timing, drive_site},
 };
 use crate::{
     proto::v1::{SilentSitesRequest, StatsRequest, TotalsRequest, totals_client::TotalsClient},
@@ -56,33 +60,9 @@ pub struct ClusterOutcome {
     pub nodes_verified: Vec<String>,
 }
 
-/// The node processes, with what it takes to restart one.
-struct Nodes {
-    specs: Vec<ServerSpec>,
-    procs: Vec<Option<ServerProcess>>,
-    scratch: std::path::PathBuf,
-}
-
-impl Nodes {
-    fn name(k: usize) -> String {
-        format!("sim-node-{k}")
-    }
-
-    fn url(&self, k: usize) -> Option<String> {
-        self.procs[k].as_ref().map(ServerProcess::url)
-    }
-
-    fn kill9(&mut self, k: usize) {
-        if let Some(mut p) = self.procs[k].take() {
-            p.kill9();
-        }
-    }
-
-    fn restart(&mut self, k: usize) -> Result<(), SimulateError> {
-        self.kill9(k);
-        self.procs[k] = Some(ServerProcess::start(&self.specs[k], &self.scratch)?);
-        Ok(())
-    }
+/// Node `k`'s name.
+fn node_name(k: usize) -> String {
+    format!("sim-node-{k}")
 }
 
 /// Runs the simulation on `n` nodes (2 to 9: a node is killed, the others carry on).
@@ -90,10 +70,10 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
     if !(2..=9).contains(&n) {
         return Err(SimulateError::Args(format!("--cluster {n}: use 2 to 9 nodes (one is killed halfway)")));
     }
-    if args.badges || args.serve_after || args.in_memory {
+    if args.serve_after || args.in_memory {
         return Err(SimulateError::Args(
-            "--cluster runs the head-count main job; it does not combine with --badges, --serve-after or --in-memory \
-             (cluster nodes keep no journal: etcd is their store)"
+            "--cluster does not combine with --serve-after or --in-memory (cluster nodes keep no journal: etcd is \
+             their store)"
                 .into(),
         ));
     }
@@ -132,24 +112,26 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
         .collect::<Result<_, _>>()?;
     let backoff =
         BackoffConfig { initial: Duration::from_millis(200), max: Duration::from_secs(5), ..BackoffConfig::default() };
+    // Site i: its own node first, then the others in turn.
+    let aggregators_of = |site: usize| {
+        let (home, conn) = (site % n, site / n / per_conn % per_node);
+        let list = (0..n)
+            .map(|j| (home + j) % n)
+            .map(|k| Aggregator { url: urls[k].clone(), channel: channels[k][conn].clone() })
+            .collect();
+        Aggregators::from_list(list).ok_or_else(|| SimulateError::Args("no aggregator node".into()))
+    };
     let mut reporters: Vec<Arc<Reporter>> = Vec::with_capacity(plan.desks.len());
-    for dp in &plan.desks {
+    for dp in plan.desks.iter().filter(|_| args.registers) {
         let site = &registry.sites[dp.site as usize];
         let mut cfg = ReporterConfig::new(site.id.clone(), dp.desk, auth.site_token(&site.id));
         cfg.backoff = backoff;
         cfg.duplicate_probability = args.duplicate_probability;
-        // Its own node first, then the others in turn.
-        let home = dp.site as usize % n;
-        let conn = dp.site as usize / n / per_conn % per_node;
-        let list = (0..n)
-            .map(|j| {
-                let k = (home + j) % n;
-                Aggregator { url: urls[k].clone(), channel: channels[k][conn].clone() }
-            })
-            .collect();
-        let aggregators =
-            Aggregators::from_list(list).ok_or_else(|| SimulateError::Args("no aggregator node".into()))?;
-        reporters.push(Arc::new(Reporter::spawn_with(aggregators, cfg, Arc::new(MemoryStore::new()))?));
+        reporters.push(Arc::new(Reporter::spawn_with(
+            aggregators_of(dp.site as usize)?,
+            cfg,
+            Arc::new(MemoryStore::new()),
+        )?));
     }
 
     let total: u64 = plan.desks.iter().flat_map(|d| d.totals.iter()).map(|&n| u64::from(n)).sum();
@@ -163,6 +145,23 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
     let start = Instant::now();
     let tick = Duration::from_secs(1) / args.ticks_per_second;
     let mut desks = JoinSet::new();
+    let restarts = Arc::new(AtomicU64::new(0));
+    // People model: the site agents, kept running (heartbeats) until every node is verified.
+    // A std Mutex: held only to push or take.
+    let agents: Arc<std::sync::Mutex<Vec<Arc<Reporter>>>> = Arc::default();
+    if !args.registers {
+        for site in badge_sites(&registry, &plan, args, &auth, backoff, &mut rng, &aggregators_of)? {
+            let phase = Duration::from_micros(rng.random_range(0..tick.as_micros() as u64));
+            let timing = Timing { duration: args.duration, tick, phase, flush_timeout: args.flush_timeout };
+            let (progress, restarts, agents) = (progress.clone(), restarts.clone(), agents.clone());
+            desks.spawn(async move {
+                let (n, agent) = drive_site(site, timing, arrived, progress).await?;
+                restarts.fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+                agents.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(agent);
+                Ok(false)
+            });
+        }
+    }
     for (dp, reporter) in plan.desks.iter().zip(&reporters) {
         let session_ids: Vec<u32> = registry.sessions.iter().map(|s| s.id).collect();
         let phase = Duration::from_micros(rng.random_range(0..tick.as_micros() as u64));
@@ -182,7 +181,7 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
     tokio::time::sleep(args.duration / 2).await;
     nodes.kill9(0);
     let killed_at = start.elapsed().as_secs_f64();
-    tracing::info!(node = %Nodes::name(0), at = killed_at, "node killed (SIGKILL)");
+    tracing::info!(node = %node_name(0), at = killed_at, "node killed (SIGKILL)");
     let mut corrections = 0;
     while let Some(res) = desks.join_next().await {
         match res {
@@ -200,13 +199,14 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
     bar.finish_and_clear();
     // The killed node comes back: it lists the nation from etcd and must be exact too.
     nodes.restart(0)?;
-    let reconnects: u64 = reporters.iter().map(|r| r.status().connects.saturating_sub(1)).sum();
+    let reconnects: u64 = reporters.iter().map(|r| r.status().connects.saturating_sub(1)).sum::<u64>()
+        + restarts.load(std::sync::atomic::Ordering::Relaxed);
 
     let expected_total: i64 = plan.expected.iter().flatten().sum();
     let (mut checked, mut mismatches, mut verified) = (0, Vec::new(), Vec::new());
     let (mut applied, mut unchanged, mut rejected, mut silent_seen) = (0, 0, 0, Vec::new());
     for k in 0..n {
-        let name = Nodes::name(k);
+        let name = node_name(k);
         let Some(url) = nodes.url(k) else { continue };
         let ch = endpoint(&url)?.connect_lazy();
         converge(ch.clone(), &read_token, expected_total, plan.silent.len()).await;
@@ -230,7 +230,8 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
             mismatches.push(format!("{name}: {silent} sites flagged silent, {} never connected", plan.silent.len()));
         }
     }
-    for r in reporters {
+    let agents = std::mem::take(&mut *agents.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for r in reporters.into_iter().chain(agents) {
         if let Ok(r) = Arc::try_unwrap(r) {
             r.shutdown().await;
         }
@@ -258,11 +259,58 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
             nodes: n as u32,
             etcd: etcd_urls,
             local_etcd,
-            killed: Nodes::name(0),
+            killed: node_name(0),
             killed_at_seconds: killed_at,
             nodes_verified: verified,
         }),
     })
+}
+
+/// People model: one agent per site serving the site's desks (consecutive in the plan), with
+/// `--reconnects` crash-and-restarts spread at random over the sites, as the single-node
+/// simulation builds them; each agent is given `aggregators_of(site)`.
+fn badge_sites(
+    registry: &Registry,
+    plan: &Plan,
+    args: &SimulateArgs,
+    auth: &Auth,
+    backoff: BackoffConfig,
+    rng: &mut ChaCha8Rng,
+    aggregators_of: &dyn Fn(usize) -> Result<Aggregators, SimulateError>,
+) -> Result<Vec<Site>, SimulateError> {
+    let mut per_site: Vec<Vec<&DeskPlan>> = Vec::new();
+    for dp in &plan.desks {
+        match per_site.last_mut() {
+            Some(v) if v[0].site == dp.site => v.push(dp),
+            _ => per_site.push(vec![dp]),
+        }
+    }
+    let mut restart_counts = vec![0u32; per_site.len()];
+    for _ in 0..if per_site.is_empty() { 0 } else { args.reconnects } {
+        restart_counts[rng.random_range(0..per_site.len())] += 1;
+    }
+    per_site
+        .iter()
+        .zip(restart_counts)
+        .map(|(desks, restarts)| {
+            let index = desks[0].site as usize;
+            let site = &registry.sites[index];
+            let mut config = ReporterConfig::new(site.id.clone(), 1, auth.site_token(&site.id));
+            config.backoff = backoff;
+            config.duplicate_probability = args.duplicate_probability;
+            config.agent_install = true;
+            // Badge runs take longer than `--duration`: keep finished sites "reporting".
+            config.heartbeat_interval = args.duration.max(Duration::from_secs(10)) / 3;
+            Ok(Site {
+                aggregators: aggregators_of(index)?,
+                config,
+                desks: desks.iter().map(|d| d.totals.clone()).collect(),
+                sessions: registry.sessions.iter().map(|s| s.id).collect(),
+                seed: args.seed ^ ((index as u64) << 8),
+                restarts,
+            })
+        })
+        .collect()
 }
 
 /// Starts `n` node processes on etcd, serving the simulation's registry (written as CSV) with
@@ -275,7 +323,7 @@ fn start_nodes(
     etcd: &[String],
     prefix: &str,
     scratch: &std::path::Path,
-) -> Result<Nodes, SimulateError> {
+) -> Result<NodeSet, SimulateError> {
     let (sites, sessions) = (scratch.join("sites.csv"), scratch.join("sessions.csv"));
     crate::server::registry::csv::write(registry, std::fs::File::create(&sites)?, std::fs::File::create(&sessions)?)
         .map_err(|e| SimulateError::Args(format!("cannot write the registry for the nodes: {e}")))?;
@@ -288,18 +336,21 @@ fn start_nodes(
         )));
     }
     let mut specs = Vec::with_capacity(n);
-    let mut procs = Vec::with_capacity(n);
+    // The people model starts every site's agent (a fresh install) within the first tick: admit
+    // them at once, as the single-node simulation does.
+    let handshakes = if args.registers { 512 } else { registry.sites.len().max(512) };
     for k in 0..n {
         let extra: Vec<String> = [
             ("--sites", sites.display().to_string()),
             ("--sessions", sessions.display().to_string()),
             ("--etcd", etcd.join(",")),
-            ("--node", Nodes::name(k)),
+            ("--node", node_name(k)),
             ("--etcd-prefix", prefix.to_owned()),
             ("--publish-tick", "100ms".to_owned()),
             ("--curve-bucket", fmt((args.duration / 60).max(Duration::from_millis(100)))),
             ("--silent-after", fmt(args.duration.max(Duration::from_secs(10)))),
             ("--max-streams-per-connection", "4096".to_owned()),
+            ("--max-concurrent-handshakes", handshakes.to_string()),
         ]
         .into_iter()
         .flat_map(|(f, v)| [f.to_owned(), v])
@@ -308,15 +359,14 @@ fn start_nodes(
             binary: binary.clone(),
             listen: "127.0.0.1:0".into(),
             // Unused in cluster mode (etcd is the store); given so the node takes no default path.
-            data_dir: Some(scratch.join(Nodes::name(k))),
+            data_dir: Some(scratch.join(node_name(k))),
             worker_threads: None,
             secret: secret.to_owned(),
             extra,
         };
-        procs.push(Some(ServerProcess::start(&spec, scratch)?));
         specs.push(spec);
     }
-    Ok(Nodes { specs, procs, scratch: scratch.to_owned() })
+    Ok(NodeSet::start(specs, scratch)?)
 }
 
 /// Forced reconnects of random reporters, spread over the run.

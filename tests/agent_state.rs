@@ -61,10 +61,11 @@ async fn a_failed_save_of_the_adopted_state_changes_nothing_and_the_total_stays_
     proxy.set_blocked(true);
     let via_proxy = tonic::transport::Endpoint::from_shared(proxy.url()).expect("url").connect_lazy();
     let store =
-        Arc::new(FlakyStore { inner: MemoryStore::new(), saves: AtomicUsize::new(0), fail_at: AtomicUsize::new(2) });
+        Arc::new(FlakyStore { inner: MemoryStore::new(), saves: AtomicUsize::new(0), fail_at: AtomicUsize::new(3) });
     let r = Reporter::spawn(via_proxy.clone(), reporter_config(&ts.auth, &sid, 1), store.clone()).expect("spawn");
-    r.check_in(1, 5).await.expect("first save succeeds");
-    // The aggregator comes back; the save of the merged state (the second save) fails once.
+    // Save 1: the fresh state, written at start; save 2: the check-ins.
+    r.check_in(1, 5).await.expect("the check-ins' save succeeds");
+    // The aggregator comes back; the save of the merged state (the third save) fails once.
     proxy.set_blocked(false);
     flush(&r, "after the failed save").await;
     assert_eq!(r.status().local[&1].1, 105);
@@ -76,7 +77,7 @@ async fn a_failed_save_of_the_adopted_state_changes_nothing_and_the_total_stays_
     r.check_in(1, 1).await.expect("check-in");
     flush(&r, "after restart").await;
     assert_eq!(reader.count(site(&sid), Some(1)).await, 106);
-    assert!(store.saves.load(Ordering::SeqCst) >= 3);
+    assert!(store.saves.load(Ordering::SeqCst) >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

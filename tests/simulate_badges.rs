@@ -13,7 +13,6 @@ async fn badge_simulation_counts_distinct_delegates_at_every_level() {
         duration: Duration::from_secs(2),
         silent_sites: 2,
         reconnects: 10,
-        badges: true,
         in_memory: true,
         flush_timeout: Duration::from_secs(60),
         ..SimulateArgs::default()

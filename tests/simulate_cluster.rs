@@ -1,8 +1,9 @@
-//! `headcount simulate --cluster 3` at a small scale (60 sites): the real `headcount` binary
-//! starts a local three-member etcd (the installed `etcd`) and three `headcount-server` nodes,
-//! spreads the sites over them, kills one node with SIGKILL halfway through the event (its
-//! sites fail over to the next address they were given), restarts it, and every level of every
-//! session must be EXACT on every node, the restarted one included.
+//! `headcount simulate --cluster 3` at a small scale (60 sites), in both models (the people
+//! model, the default, and `--registers`): the real `headcount` binary starts a local
+//! three-member etcd (the installed `etcd`) and three `headcount-server` nodes, spreads the sites
+//! over them, kills one node with SIGKILL halfway through the event (its sites fail over to the
+//! next address they were given), restarts it, and every level of every session must be EXACT on
+//! every node, the restarted one included.
 
 use std::{
     io::Read,
@@ -14,9 +15,19 @@ use std::{
 const DEADLINE: Duration = Duration::from_secs(400);
 
 #[test]
-fn simulation_on_three_nodes_with_one_killed_is_exact_on_every_node() {
+fn people_model_on_three_nodes_with_one_killed_is_exact_on_every_node() {
+    simulate_on_three_nodes(&[]);
+}
+
+#[test]
+fn register_model_on_three_nodes_with_one_killed_is_exact_on_every_node() {
+    simulate_on_three_nodes(&["--registers"]);
+}
+
+fn simulate_on_three_nodes(model: &[&str]) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_headcount"))
         .args(["simulate", "--cluster", "3", "--sites", "60", "--duration", "6s", "--reconnects", "50"])
+        .args(model)
         .args(["--no-http", "--json"])
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())

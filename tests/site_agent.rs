@@ -357,3 +357,39 @@ async fn the_headcount_site_binary_answers_each_badge_and_exits_with_its_documen
     assert_eq!(code, Some(5), "{text}");
     assert_eq!(site_total(&reader, &sid, 1).await, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_of_one_burst_are_answered_in_input_order() {
+    let ts = start_small().await;
+    let ch = ts.channel().await;
+    let reader = ts.reader().await;
+    let (_, sid) = ts.site_with_desks(1, 14);
+    let a = agent(&ch, agent_config(&ts, &sid, 1), Arc::new(MemoryStore::new()), 1);
+    // One burst (a cursor: all lines are in the buffer at once): A, A, B, then 300 more pairs,
+    // so that lines racing each other would show at least once.
+    let mut input = String::from("A\nA\nB\n");
+    for i in 0..300 {
+        input.push_str(&format!("P-{i}\nP-{i}\n"));
+    }
+    let (status, screen) = run_stdin(a, input.as_bytes(), Mode::Badge).await;
+    assert_eq!(status, ExitStatus::Acknowledged, "{screen}");
+    let answers: Vec<&str> = screen
+        .lines()
+        .filter(|l| l.starts_with("counted") || l.starts_with("already checked in"))
+        .map(|l| if l.starts_with("counted") { "counted" } else { "already" })
+        .collect();
+    let badges: Vec<&str> = screen
+        .lines()
+        .filter(|l| l.starts_with("counted") || l.starts_with("already checked in"))
+        .filter_map(|l| {
+            l.trim_start_matches("counted").trim_start_matches("already checked in").split_whitespace().next()
+        })
+        .collect();
+    assert_eq!(&answers[..3], ["counted", "already", "counted"], "{screen}");
+    assert_eq!(&badges[..3], ["A", "A", "B"], "{screen}");
+    for (k, pair) in answers[3..].chunks(2).enumerate() {
+        assert_eq!(pair, ["counted", "already"], "pair {k}: {screen}");
+    }
+    assert_eq!(answers.len(), 603, "{screen}");
+    assert_eq!(site_total(&reader, &sid, 1).await, 302);
+}

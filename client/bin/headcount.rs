@@ -28,8 +28,9 @@ use headcount::{
 
 /// Headcount: exact, live national check-in counting.
 ///
-/// With no command, runs the national simulation (10,035 sites on an in-process aggregator) and
-/// checks every total against the ground truth.
+/// With no command, runs the national simulation (10,035 sites on an in-process aggregator, one
+/// site agent per site scanning its delegates' badges at several desks, with repeat scans and
+/// agent restarts) and checks every total against the number of distinct delegates.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -42,7 +43,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the national simulation and verify every total (the default).
+    /// Run the national simulation and verify every total (the default): the people model
+    /// (badges, one agent per site), or the register model with `--registers`.
     Simulate(SimulateArgs),
     /// Site agent: counts each delegate's badge once per session (standard input, followed
     /// files, the desk page); exit 0 all acknowledged, 3 not acknowledged in time, 4 refused
@@ -324,10 +326,11 @@ async fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match command {
         Command::Simulate(args) => {
             if !args.json {
-                eprintln!(
-                    "Simulating {} sites over {:?} on an in-process aggregator (127.0.0.1)…",
-                    args.sites, args.duration
-                );
+                let on = match args.cluster {
+                    Some(n) => format!("{n} aggregator nodes over etcd"),
+                    None => "an in-process aggregator".to_owned(),
+                };
+                eprintln!("Simulating {} sites over {:?} on {on} (127.0.0.1)…", args.sites, args.duration);
             }
             let report = simulate::run(&args).await?;
             // With --serve-after the verdict was printed before serving on.

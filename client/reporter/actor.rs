@@ -24,7 +24,7 @@ use super::{
     backoff::Backoff,
     failover::Targets,
     session_label,
-    state::{LocalRegister, LocalState, StateStore},
+    state::{Change, Header, LocalRegister, LocalState, RegisterChange, StateStore},
 };
 use crate::client::aggregators::{Aggregators, permanent};
 use crate::proto::metadata::{AGENT_HEADER, DESK_HEADER, SITE_HEADER};
@@ -80,7 +80,8 @@ pub(super) struct Actor {
     pub(super) backoff: Backoff,
     pub(super) store: Arc<dyn StateStore>,
     pub(super) state: LocalState,
-    /// The state has changes not yet saved (a new install id): saved before the first stream.
+    /// The state is not in the store yet (a fresh one, or a new install id): saved whole before
+    /// the first stream.
     pub(super) unsaved: bool,
     pub(super) settled: BTreeMap<u32, u64>,
     pub(super) conn: Option<Conn>,
@@ -89,17 +90,20 @@ pub(super) struct Actor {
 }
 
 impl Actor {
+    /// `saved`: the store holds `state` (it was loaded from there).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         aggregators: Aggregators,
         config: ReporterConfig,
         auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
         store: Arc<dyn StateStore>,
         mut state: LocalState,
+        saved: bool,
         status: watch::Sender<ReporterStatus>,
         commands: mpsc::Receiver<Command>,
     ) -> Self {
-        let unsaved = config.agent_install && state.install_id.is_empty();
-        if unsaved {
+        let unsaved = !saved || (config.agent_install && state.install_id.is_empty());
+        if config.agent_install && state.install_id.is_empty() {
             state.install_id = hex::encode(rand::rng().random::<[u8; 16]>());
         }
         Self {
@@ -122,8 +126,7 @@ impl Actor {
         if self.unsaved {
             // The install id must be on disk before the aggregator sees it: a slot claimed for an
             // id this agent then forgets would be an orphan.
-            let next = self.state.clone();
-            match self.commit(next).await {
+            match self.save_full().await {
                 Ok(()) => self.unsaved = false,
                 Err(e) => self.set_fatal(format!("cannot save the state file: {e}")),
             }
@@ -308,8 +311,9 @@ impl Actor {
         })
     }
 
-    /// Saves the current state (on the blocking pool for file stores, which needs a copy).
-    async fn save(&self) -> Result<(), ReporterError> {
+    /// Saves the whole state (on the blocking pool for file stores, which needs a copy): the
+    /// first save, and snapshots when the store asks for one.
+    pub(super) async fn save_full(&self) -> Result<(), ReporterError> {
         if self.store.blocking() {
             let store = self.store.clone();
             let copy = self.state.clone();
@@ -320,16 +324,50 @@ impl Actor {
         Ok(())
     }
 
-    /// Saves `next` (on the blocking pool for file stores), then makes it the state.
-    pub(super) async fn commit(&mut self, next: LocalState) -> Result<(), ReporterError> {
+    /// Records `change` in the store (on the blocking pool for file stores), then, when the store
+    /// asks for it, writes a snapshot (its cost, O(state), comes once the changes since the last
+    /// one have grown as large as the state: constant per change on average).
+    async fn append(&self, change: &Change) -> Result<(), ReporterError> {
         if self.store.blocking() {
             let store = self.store.clone();
-            let copy = next.clone();
-            tokio::task::spawn_blocking(move || store.save(&copy)).await.map_err(|_| ReporterError::Stopped)??;
+            let copy = change.clone();
+            tokio::task::spawn_blocking(move || store.append(&copy)).await.map_err(|_| ReporterError::Stopped)??;
         } else {
-            self.store.save(&next)?;
+            self.store.append(change)?;
         }
-        self.state = next;
+        Ok(())
+    }
+
+    /// A snapshot when the store asks for one; a failure only delays it (the changes are saved).
+    async fn snapshot_if_wanted(&self) {
+        if self.store.wants_snapshot()
+            && let Err(e) = self.save_full().await
+        {
+            tracing::warn!(
+                site = %self.config.site, desk = self.config.desk, error = %e,
+                "cannot write a snapshot of the state file (the check-ins are saved); retrying later"
+            );
+        }
+    }
+
+    /// Saves `next` — a state without seen-sets ([`LocalState::head`]) — as a change of the
+    /// registers and fields that differ, then makes it the state (seen-sets kept).
+    pub(super) async fn commit(&mut self, next: LocalState) -> Result<(), ReporterError> {
+        let mut change = Change::default();
+        if Header::of(&next) != Header::of(&self.state) {
+            change.header = Some(Header::of(&next));
+        }
+        for (session, reg) in &next.sessions {
+            if self.state.sessions.get(session).is_none_or(|r| !r.same_head(reg)) {
+                change.registers.insert(*session, RegisterChange::of(reg, Vec::new()));
+            }
+        }
+        if change.is_empty() {
+            return Ok(());
+        }
+        self.append(&change).await?;
+        self.state.apply(&change);
+        self.snapshot_if_wanted().await;
         Ok(())
     }
 
@@ -407,23 +445,26 @@ impl Actor {
                 cmd = self.commands.try_recv().ok();
             }
         }
-        // One seq per changed session per group commit.
+        // One seq per changed session per group commit; the change saved is what the group did
+        // (its registers and the badges it added), not the whole state.
         let mut failure: Option<Failure> = None;
-        let mut changed_any = false;
-        for (session, u) in &undo {
+        let mut change = Change::default();
+        for (session, u) in &mut undo {
             let Some(reg) = self.state.sessions.get_mut(session) else { continue };
             let changed = u.before.as_ref().is_none_or(|b| b.count != reg.count || b.reason != reg.reason);
-            changed_any |= changed || u.before.as_ref().is_some_and(|b| b.absolute != reg.absolute);
             if changed {
                 match bump(*session, reg.seq) {
                     Ok(s) => reg.seq = s,
                     Err(_) => failure = Some(Failure::Seq(*session)),
                 }
             }
+            if changed || u.before.as_ref().is_some_and(|b| b.absolute != reg.absolute) {
+                change.registers.insert(*session, RegisterChange::of(reg, std::mem::take(&mut u.added)));
+            }
         }
         if failure.is_none()
-            && changed_any
-            && let Err(e) = self.save().await
+            && !change.is_empty()
+            && let Err(e) = self.append(&change).await
         {
             tracing::error!(
                 site = %self.config.site, desk = self.config.desk,
@@ -432,11 +473,17 @@ impl Actor {
             failure = Some(Failure::Store(e.to_string()));
         }
         if failure.is_some() {
-            for (session, u) in undo {
+            for (session, mut u) in undo {
+                if let Some(c) = change.registers.get_mut(&session) {
+                    u.added.append(&mut c.added);
+                }
                 u.restore(&mut self.state, session);
             }
         } else {
             self.publish_local();
+            if !change.is_empty() {
+                self.snapshot_if_wanted().await;
+            }
         }
         for r in replies {
             r(failure.clone());

@@ -19,6 +19,7 @@
 mod actor;
 pub mod backoff;
 mod failover;
+mod file_store;
 mod reconcile;
 pub mod state;
 
@@ -221,6 +222,17 @@ pub struct BadgeOutcome {
 
 type Reply<T> = oneshot::Sender<Result<T, ReporterError>>;
 
+/// The answer to a command already handed to the reporter (`queue_*`): resolves once the command
+/// is applied and saved, or refused; `Stopped` if the reporter stopped first.
+pub struct Pending<T>(oneshot::Receiver<Result<T, ReporterError>>);
+
+impl<T> std::future::Future for Pending<T> {
+    type Output = Result<T, ReporterError>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(ReporterError::Stopped)))
+    }
+}
+
 enum Command {
     CheckIn { session: u32, n: u32, reply: Reply<()> },
     Badge { session: u32, badge: String, reply: Reply<BadgeOutcome> },
@@ -251,12 +263,15 @@ impl Reporter {
         config: ReporterConfig,
         store: Arc<dyn StateStore>,
     ) -> Result<Self, ReporterError> {
-        let state = match store.load()? {
+        let (state, saved) = match store.load()? {
             Some(s) if s.site != config.site || s.desk != config.desk => {
                 return Err(ReporterError::WrongState { site: s.site, desk: s.desk });
             }
-            Some(s) => s,
-            None => LocalState { version: 1, site: config.site.clone(), desk: config.desk, ..LocalState::default() },
+            Some(s) => (s, true),
+            None => (
+                LocalState { version: 1, site: config.site.clone(), desk: config.desk, ..LocalState::default() },
+                false,
+            ),
         };
         let auth = bearer(&config.token)?;
         let (commands, rx) = mpsc::channel(256);
@@ -267,7 +282,7 @@ impl Reporter {
         };
         let (status_tx, status) = watch::channel(status);
         let (max_reason, max_count) = (config.max_reason, config.max_count);
-        let actor = actor::Actor::new(aggregators.clone(), config, auth, store, state, status_tx, rx);
+        let actor = actor::Actor::new(aggregators.clone(), config, auth, store, state, saved, status_tx, rx);
         // No span on the task (it would be entered on every poll, 20,000 times over in the
         // simulation); log lines carry site and desk.
         let task = tokio::spawn(actor.run());
@@ -275,9 +290,31 @@ impl Reporter {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ReporterError> {
+        self.queue(make).await?.await
+    }
+
+    /// Hands a command to the actor (which applies commands in the order they are handed over)
+    /// and returns its answer to come.
+    async fn queue<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<Pending<T>, ReporterError> {
         let (tx, rx) = oneshot::channel();
         self.commands.send(make(tx)).await.map_err(|_| ReporterError::Stopped)?;
-        rx.await.map_err(|_| ReporterError::Stopped)?
+        Ok(Pending(rx))
+    }
+
+    /// [`Reporter::badge`] in two steps: hands the badge over now and returns the outcome to
+    /// come. Commands are applied in the order they are handed over, so an input that hands its
+    /// lines over one after the other, then awaits the outcomes together, is answered in its own
+    /// order (the first copy of a repeated badge is the one counted) and still saved as one group.
+    pub async fn queue_badge(&self, session: u32, badge: String) -> Result<Pending<BadgeOutcome>, ReporterError> {
+        self.queue(|reply| Command::Badge { session, badge, reply }).await
+    }
+
+    /// [`Reporter::check_in`] in two steps (see [`Reporter::queue_badge`]).
+    pub async fn queue_check_in(&self, session: u32, n: u32) -> Result<Pending<()>, ReporterError> {
+        if i64::from(n) > self.max_count {
+            return Err(ReporterError::OutOfRange { session, count: i64::from(n), max: self.max_count });
+        }
+        self.queue(|reply| Command::CheckIn { session, n, reply }).await
     }
 
     /// Records `n` check-ins for `session` (a head count, no badges). Returns once they are
@@ -301,17 +338,21 @@ impl Reporter {
     /// reason for the audit trail. A negative count, a count above the ceiling or a reason longer
     /// than the aggregator accepts is refused here, before it touches the state.
     pub async fn correct(&self, session: u32, count: i64, reason: impl Into<String>) -> Result<(), ReporterError> {
+        self.queue_correct(session, count, reason.into()).await?.await
+    }
+
+    /// [`Reporter::correct`] in two steps (see [`Reporter::queue_badge`]).
+    pub async fn queue_correct(&self, session: u32, count: i64, reason: String) -> Result<Pending<()>, ReporterError> {
         if count < 0 {
             return Err(ReporterError::Negative(count));
         }
         if count > self.max_count {
             return Err(ReporterError::OutOfRange { session, count, max: self.max_count });
         }
-        let reason = reason.into();
         if reason.len() > self.max_reason {
             return Err(ReporterError::ReasonTooLong { len: reason.len(), max: self.max_reason });
         }
-        self.call(|reply| Command::Correct { session, count, reason, reply }).await
+        self.queue(|reply| Command::Correct { session, count, reason, reply }).await
     }
 
     /// Drops the current stream and reconnects (fault injection, or after a network change).

@@ -17,7 +17,8 @@ use crate::proto::v1::{Ack, Resume};
 impl Actor {
     /// Reconciles local state with what the aggregator holds (all or nothing: saved first).
     pub(super) async fn on_resume(&mut self, resume: Resume) -> Result<(), ReporterError> {
-        let mut next = self.state.clone();
+        // Without the seen-sets: reconciliation never changes them (and they are large).
+        let mut next = self.state.head();
         // Only what this aggregator holds now counts as settled: after a restart that lost
         // state, sessions it does not mention are resent in full.
         let mut settled = BTreeMap::new();
@@ -66,9 +67,7 @@ impl Actor {
                 })
                 .collect();
         }
-        if next != self.state {
-            self.commit(next).await?;
-        }
+        self.commit(next).await?;
         self.settled = settled;
         let schedule = self.state.schedule.clone();
         self.status.send_modify(|s| {
@@ -92,7 +91,8 @@ impl Actor {
     /// Reconciles an ack: settles what it covers, detects another writer's state, rebases after
     /// conflicts and undoes refused changes — saved before anything changes in memory.
     pub(super) async fn on_ack(&mut self, ack: Ack) {
-        let mut next = self.state.clone();
+        // Without the seen-sets: an ack never changes them (and they are large).
+        let mut next = self.state.head();
         let mut settled = self.settled.clone();
         let mut refused = 0u64;
         let mut foreign = 0u64;
@@ -176,9 +176,7 @@ impl Actor {
             return;
         }
         let last_error = ack.rejections.last().map(|r| format!("session {} seq {}: {}", r.session, r.seq, r.message));
-        if next != self.state
-            && let Err(e) = self.commit(next).await
-        {
+        if let Err(e) = self.commit(next).await {
             tracing::error!(site = %site, desk, error = %e, "cannot save the reconciled state; reconnecting to retry");
             self.set_error(e.to_string());
             self.conn = None;

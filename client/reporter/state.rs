@@ -1,15 +1,20 @@
-//! A reporter's local state — its registers per session — and where it is kept. The file store
-//! writes atomically (temporary file, fsync, rename, fsync of the directory), so a crash leaves
-//! either the old or the new state, never a torn one.
+//! A reporter's local state — its registers per session — and where it is kept. A save records
+//! only what a commit changed (a [`Change`]: the changed registers and the badges they added), so
+//! its cost does not grow with the seen-set. The file store keeps one file: a snapshot (written
+//! atomically: temporary file, fsync, rename, fsync of the directory) followed by one JSON line
+//! per change (appended and fsynced before the change is sent); once the lines outgrow the
+//! snapshot, the reporter writes a new snapshot. A crash leaves the old or the new snapshot, and
+//! at most a torn last line, which was never reported as saved and is ignored.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Mutex,
 };
 
 use serde::{Deserialize, Serialize};
+
+pub use super::file_store::FileStore;
 
 /// One session's register as the reporter knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +80,112 @@ pub struct LocalState {
     pub schedule: Vec<ScheduledSession>,
 }
 
+impl LocalRegister {
+    /// Everything but the seen-set (cheap to copy and compare).
+    pub fn head(&self) -> LocalRegister {
+        LocalRegister { badges: BTreeSet::new(), reason: self.reason.clone(), ..*self }
+    }
+
+    /// True when everything but the seen-set is equal.
+    pub fn same_head(&self, other: &LocalRegister) -> bool {
+        (self.seq, self.count, &self.reason, self.absolute) == (other.seq, other.count, &other.reason, other.absolute)
+    }
+}
+
+impl LocalState {
+    /// The state without its seen-sets: what reconciliation changes, O(sessions) to copy.
+    pub fn head(&self) -> LocalState {
+        LocalState {
+            version: self.version,
+            site: self.site.clone(),
+            desk: self.desk,
+            anchored: self.anchored,
+            sessions: self.sessions.iter().map(|(s, r)| (*s, r.head())).collect(),
+            install_id: self.install_id.clone(),
+            schedule: self.schedule.clone(),
+        }
+    }
+
+    /// Applies a change (the registers it names take its values and gain its badges).
+    pub fn apply(&mut self, change: &Change) {
+        if let Some(h) = &change.header {
+            self.anchored = h.anchored;
+            self.install_id.clone_from(&h.install_id);
+            self.schedule.clone_from(&h.schedule);
+        }
+        for (session, c) in &change.registers {
+            let reg = self.sessions.entry(*session).or_default();
+            (reg.seq, reg.count, reg.absolute) = (c.seq, c.count, c.absolute);
+            reg.reason.clone_from(&c.reason);
+            reg.badges.extend(c.added.iter().cloned());
+        }
+    }
+}
+
+/// What one commit changed: a line of the state file. Its size is that of the change, whatever
+/// the size of the seen-sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The state's own fields, when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<Header>,
+    /// The registers that changed, by session id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registers: BTreeMap<u32, RegisterChange>,
+}
+
+impl Change {
+    /// True when it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.header.is_none() && self.registers.is_empty()
+    }
+}
+
+/// The fields of [`LocalState`] that change (besides registers).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// See [`LocalState::anchored`].
+    pub anchored: bool,
+    /// See [`LocalState::install_id`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub install_id: String,
+    /// See [`LocalState::schedule`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<ScheduledSession>,
+}
+
+impl Header {
+    /// The header fields of `state`.
+    pub fn of(state: &LocalState) -> Self {
+        Self { anchored: state.anchored, install_id: state.install_id.clone(), schedule: state.schedule.clone() }
+    }
+}
+
+/// A register's new values and the badges the commit added to its seen-set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterChange {
+    /// See [`LocalRegister::seq`].
+    pub seq: u64,
+    /// See [`LocalRegister::count`].
+    pub count: i64,
+    /// See [`LocalRegister::reason`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// See [`LocalRegister::absolute`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub absolute: bool,
+    /// Badges added to the seen-set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<String>,
+}
+
+impl RegisterChange {
+    /// The values of `reg` with `added` badges.
+    pub fn of(reg: &LocalRegister, added: Vec<String>) -> Self {
+        Self { seq: reg.seq, count: reg.count, reason: reg.reason.clone(), absolute: reg.absolute, added }
+    }
+}
+
 /// A state store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -100,16 +211,30 @@ pub enum StoreError {
 pub trait StateStore: Send + Sync + 'static {
     /// The saved state, if any.
     fn load(&self) -> Result<Option<LocalState>, StoreError>;
-    /// Saves durably; returns only once the state survives a crash (for durable stores).
+    /// Saves the whole state durably (the first save, and snapshots); returns only once it
+    /// survives a crash (for durable stores).
     fn save(&self, state: &LocalState) -> Result<(), StoreError>;
-    /// True if `save` blocks on I/O (the reporter then runs it on the blocking pool).
+    /// Records `change` durably on top of what is saved; returns only once it survives a crash.
+    /// Either all of it is recorded or, on error, none of it. Stores should make this cost the
+    /// size of the change; the default loads, applies and saves the whole state.
+    fn append(&self, change: &Change) -> Result<(), StoreError> {
+        let mut state = self.load()?.unwrap_or_default();
+        state.apply(change);
+        self.save(&state)
+    }
+    /// True when the store would like a fresh snapshot ([`StateStore::save`]) of the state: its
+    /// changes have outgrown its last snapshot.
+    fn wants_snapshot(&self) -> bool {
+        false
+    }
+    /// True if `save` and `append` block on I/O (the reporter then runs them on the blocking pool).
     fn blocking(&self) -> bool;
 }
 
 /// Keeps state in memory only (simulations, tests): lost when the process ends.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    // A std Mutex: held only to clone in or out, never across `.await`.
+    // A std Mutex: held only to apply a change or clone out, never across `.await`.
     state: Mutex<Option<LocalState>>,
 }
 
@@ -128,85 +253,11 @@ impl StateStore for MemoryStore {
         *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(state.clone());
         Ok(())
     }
+    fn append(&self, change: &Change) -> Result<(), StoreError> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert_default().apply(change);
+        Ok(())
+    }
     fn blocking(&self) -> bool {
         false
     }
-}
-
-/// Keeps state in a JSON file, replaced atomically on every save.
-#[derive(Debug, Clone)]
-pub struct FileStore {
-    path: PathBuf,
-}
-
-impl FileStore {
-    /// A store at `path` (created on first save; see [`FileStore::prepare`] for its directory).
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
-    }
-
-    /// Creates the file's directory if missing and checks that a file can be written there, so
-    /// that a wrong `--state-file` is refused at start, not at the first check-in.
-    pub fn prepare(&self) -> Result<(), StoreError> {
-        let dir = self.dir();
-        std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
-        tempfile::NamedTempFile::new_in(dir).map(drop).map_err(|e| self.io(e))
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn io(&self, source: std::io::Error) -> StoreError {
-        StoreError::Io { path: self.path.clone(), source }
-    }
-
-    fn dir(&self) -> &Path {
-        match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        }
-    }
-}
-
-impl StateStore for FileStore {
-    fn load(&self) -> Result<Option<LocalState>, StoreError> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt { path: self.path.clone(), source }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(e)),
-        }
-    }
-
-    fn save(&self, state: &LocalState) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| self.io(std::io::Error::other(e)))?;
-        let dir = self.dir();
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| self.io(e))?;
-        tmp.write_all(&bytes).map_err(|e| self.io(e))?;
-        tmp.as_file().sync_all().map_err(|e| self.io(e))?;
-        tmp.persist(&self.path).map_err(|e| self.io(e.error))?;
-        sync_dir(dir).map_err(|e| self.io(e))
-    }
-
-    fn blocking(&self) -> bool {
-        true
-    }
-}
-
-/// Makes a rename in `dir` durable. On Unix the directory itself is fsynced. Windows cannot open
-/// a directory as a file (`File::open(dir)` fails there, which would refuse every check-in) and
-/// has no directory fsync: NTFS journals the rename's metadata, and the file's own data was
-/// flushed (`sync_all`) before the rename.
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
-}
-
-/// See the Unix version: nothing to do where directories cannot be opened as files.
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> std::io::Result<()> {
-    Ok(())
 }

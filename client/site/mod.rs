@@ -23,7 +23,7 @@ use std::sync::{
 use serde::Serialize;
 
 use self::line::Line;
-use super::reporter::{Reporter, ReporterError};
+use super::reporter::{BadgeOutcome, Pending, Reporter, ReporterError};
 use crate::server::aggregator::now_ms;
 
 /// How a line source's lines are read.
@@ -97,6 +97,14 @@ pub struct Agent {
     refusals: Mutex<Vec<String>>,
 }
 
+/// A line handed to the reporter, its answer to come (or already known).
+enum Queued {
+    Now(Answer),
+    Badge(String, u32, Pending<BadgeOutcome>),
+    HeadCount(u32, u32, Pending<()>),
+    Correct(i64, u32, Pending<()>),
+}
+
 impl Agent {
     /// An agent over `reporter`; `session`: fixed by `--session`, or `None` to follow the
     /// schedule.
@@ -128,33 +136,67 @@ impl Agent {
 
     /// Handles one raw line from `source` (for messages) read in `mode`.
     pub async fn line(&self, raw: &[u8], mode: Mode, source: &str) -> Answer {
+        self.queue_line(raw, mode, source).await.await
+    }
+
+    /// [`Agent::line`] in two steps: parses the line and hands it to the reporter now, and returns
+    /// its answer to come. An input that hands its lines over one after the other and then awaits
+    /// the answers together is answered in its own order, and its lines are saved as one group.
+    pub async fn queue_line<'a>(
+        &'a self,
+        raw: &[u8],
+        mode: Mode,
+        source: &'a str,
+    ) -> impl std::future::Future<Output = Answer> + use<'a> {
         let parsed = match mode {
             Mode::Badge => line::badge(raw),
             Mode::Count => line::count(raw),
         };
-        let answer = match parsed {
-            Ok(Line::Blank) => self.answer(Outcome::Blank, None, None, 0, String::new()),
-            Ok(l) => self.apply(l).await,
-            Err(e) => self.answer(Outcome::Refused, None, None, 0, e.to_string()),
+        let queued = match parsed {
+            Ok(Line::Blank) => Queued::Now(self.answer(Outcome::Blank, None, None, 0, String::new())),
+            Ok(l) => self.queue_apply(l).await,
+            Err(e) => Queued::Now(self.answer(Outcome::Refused, None, None, 0, e.to_string())),
         };
-        if answer.outcome == Outcome::Refused {
-            self.refused.fetch_add(1, Relaxed);
-            let mut r = self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if r.len() < 20 {
-                r.push(format!("{source}: {}", answer.message));
+        async move {
+            let answer = self.answered(queued).await;
+            if answer.outcome == Outcome::Refused {
+                self.refused.fetch_add(1, Relaxed);
+                let mut r = self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if r.len() < 20 {
+                    r.push(format!("{source}: {}", answer.message));
+                }
             }
+            answer
         }
-        answer
     }
 
-    async fn apply(&self, l: Line) -> Answer {
+    async fn queue_apply(&self, l: Line) -> Queued {
         let session = match self.session_now() {
             Ok(s) => s,
-            Err(e) => return self.answer(Outcome::Refused, None, None, 0, e.to_string()),
+            Err(e) => return Queued::Now(self.answer(Outcome::Refused, None, None, 0, e.to_string())),
         };
-        let count = |r: &Reporter| r.status().local.get(&session).map_or(0, |(_, c)| *c);
         match l {
-            Line::Badge(b) => match self.reporter.badge(session, b.clone()).await {
+            Line::Badge(b) => match self.reporter.queue_badge(session, b.clone()).await {
+                Ok(p) => Queued::Badge(b, session, p),
+                Err(e) => Queued::Now(self.refuse(Some(b), session, e)),
+            },
+            Line::HeadCount(n) => match self.reporter.queue_check_in(session, n).await {
+                Ok(p) => Queued::HeadCount(n, session, p),
+                Err(e) => Queued::Now(self.refuse(None, session, e)),
+            },
+            Line::Correct(n, reason) => match self.reporter.queue_correct(session, n, reason).await {
+                Ok(p) => Queued::Correct(n, session, p),
+                Err(e) => Queued::Now(self.refuse(None, session, e)),
+            },
+            Line::Blank => Queued::Now(self.answer(Outcome::Blank, None, None, 0, String::new())),
+        }
+    }
+
+    async fn answered(&self, queued: Queued) -> Answer {
+        let count = |r: &Reporter, session: u32| r.status().local.get(&session).map_or(0, |(_, c)| *c);
+        match queued {
+            Queued::Now(a) => a,
+            Queued::Badge(b, session, p) => match p.await {
                 Ok(o) if o.counted => {
                     self.counted.fetch_add(1, Relaxed);
                     self.answer(Outcome::Counted, Some(b), Some(session), o.count, "counted".into())
@@ -165,19 +207,22 @@ impl Agent {
                 }
                 Err(e) => self.refuse(Some(b), session, e),
             },
-            Line::HeadCount(n) => match self.reporter.check_in(session, n).await {
-                Ok(()) => {
-                    self.answer(Outcome::Counted, None, Some(session), count(&self.reporter), format!("+{n} counted"))
-                }
+            Queued::HeadCount(n, session, p) => match p.await {
+                Ok(()) => self.answer(
+                    Outcome::Counted,
+                    None,
+                    Some(session),
+                    count(&self.reporter, session),
+                    format!("+{n} counted"),
+                ),
                 Err(e) => self.refuse(None, session, e),
             },
-            Line::Correct(n, reason) => match self.reporter.correct(session, n, reason).await {
+            Queued::Correct(n, session, p) => match p.await {
                 Ok(()) => {
                     self.answer(Outcome::Corrected, None, Some(session), n, format!("count set to {n} (correction)"))
                 }
                 Err(e) => self.refuse(None, session, e),
             },
-            Line::Blank => self.answer(Outcome::Blank, None, None, 0, String::new()),
         }
     }
 

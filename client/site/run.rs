@@ -4,6 +4,7 @@
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
+use futures_util::{StreamExt, stream::FuturesOrdered};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     sync::mpsc,
@@ -149,9 +150,9 @@ fn print(out: &Out, a: &super::Answer, source: &str) {
     }
 }
 
-/// Reads standard input to its end. Lines already buffered are handled concurrently, so a fast
-/// scanner or a replayed file costs one state save per burst (group commit), not per line;
-/// answers are still printed in input order.
+/// Reads standard input to its end. Lines already buffered are in flight together, so a fast
+/// scanner or a replayed file costs one state save per burst (group commit), not per line; they
+/// are handed to the reporter and answered in input order.
 async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode, out: Out, done: mpsc::Sender<()>) {
     let mut input = BufReader::new(input);
     let mut number = 0u64;
@@ -166,8 +167,7 @@ async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode
                         line.pop();
                     }
                     number += 1;
-                    let (agent, source) = (agent.clone(), format!("line {number}"));
-                    burst.push((tokio::spawn(async move { agent.line(&line, mode, &source).await }), number));
+                    burst.push((line, number));
                 }
                 Err(e) => {
                     out(format!("REFUSED reading standard input failed: {e}"));
@@ -181,10 +181,18 @@ async fn read_stdin(agent: Arc<Agent>, input: impl AsyncRead + Unpin, mode: Mode
         if burst.is_empty() {
             break;
         }
-        for (task, number) in burst {
-            if let Ok(a) = task.await {
-                print(&out, &a, &format!("line {number}"));
-            }
+        // A burst's lines are in flight together (the agent saves them as one group), handed to
+        // the reporter one after the other in input order, so the first copy of a repeated badge
+        // is the one counted; then their answers are printed in the same order. (A task per line,
+        // or futures racing for the reporter's channel, could hand them over in another order.)
+        let sources: Vec<String> = burst.iter().map(|(_, number)| format!("line {number}")).collect();
+        let mut answers = FuturesOrdered::new();
+        for ((line, _), source) in burst.iter().zip(&sources) {
+            answers.push_back(agent.queue_line(line, mode, source).await);
+        }
+        let mut sources = sources.iter();
+        while let Some(a) = answers.next().await {
+            print(&out, &a, sources.next().map_or("", String::as_str));
         }
     }
     let _ = done.send(()).await;

@@ -10,13 +10,16 @@
 //! sites "reporting" here (touched once per sweep).
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering::SeqCst},
+    },
     time::{Duration, Instant},
 };
 
 use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::{ClusterConfig, feed::RemoteStreams};
 use crate::server::{
@@ -30,8 +33,9 @@ const PRESENCE_TICK: Duration = Duration::from_millis(100);
 const PRESENCE_OPS: usize = 128;
 
 /// Grants the lease and puts the node's key (errors when etcd does not answer), then spawns the
-/// loop that keeps both alive and the one that touches sites streaming on other nodes. Returns
-/// the lease id.
+/// lease keeper (keepalive and fence: its own task, so that nothing else can delay a fence), the
+/// stream-presence writer and the loop that touches sites streaming on other nodes. Returns the
+/// lease id.
 pub async fn start(
     agg: &Aggregator,
     config: &ClusterConfig,
@@ -41,19 +45,15 @@ pub async fn start(
 ) -> Result<i64, etcd_client::Error> {
     let Some(rep) = agg.shared().replication.clone() else { return Ok(0) };
     let ttl = config.lease_ttl.as_secs().max(2) as i64;
-    let lease = grant(&client, &rep, ttl).await?;
-    let presence = Presence {
-        agg: agg.clone(),
-        rep,
-        client,
-        ttl,
-        lease,
-        counts: FxHashMap::default(),
-        dirty: FxHashSet::default(),
-    };
+    let id = grant(&client, &rep, ttl).await?;
+    let lease = Arc::new(Lease { id: AtomicI64::new(id), renewed: Notify::new() });
+    let keeper = Keeper { rep: rep.clone(), client: client.clone(), ttl, lease: lease.clone() };
+    tokio::spawn(keeper.run(agg.shared().shutdown.clone()));
+    let presence =
+        Presence { agg: agg.clone(), rep, client, lease, counts: FxHashMap::default(), dirty: FxHashSet::default() };
     tokio::spawn(presence.run(queue));
     tokio::spawn(touch_remote(agg.clone(), remote));
-    Ok(lease)
+    Ok(id)
 }
 
 /// Grants a lease and puts the node key on it.
@@ -64,58 +64,52 @@ async fn grant(client: &Client, rep: &Replication, ttl: i64) -> Result<i64, etcd
     Ok(lease)
 }
 
-struct Presence {
-    agg: Aggregator,
+/// The node's current lease, shared by the keeper and the presence writer.
+struct Lease {
+    id: AtomicI64,
+    /// Signalled when the keeper took a new lease: every stream key must be put on it again.
+    renewed: Notify,
+}
+
+/// Keeps the lease alive every third of its TTL and fences the node off when a whole TTL passed
+/// without a successful keepalive. Each attempt is bounded by a third of the TTL, so the fence
+/// comes within about 1⅓ TTL of the last success whatever etcd does.
+struct Keeper {
     rep: Arc<Replication>,
     client: Client,
     ttl: i64,
-    lease: i64,
-    /// Streams open here per site.
-    counts: FxHashMap<u32, i32>,
-    /// Sites whose key must be written (put or deleted).
-    dirty: FxHashSet<u32>,
+    lease: Arc<Lease>,
 }
 
-impl Presence {
-    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<PresenceChange>) {
-        let shutdown = self.agg.shared().shutdown.clone();
-        let mut flush = tokio::time::interval(PRESENCE_TICK);
-        let mut keepalive = tokio::time::interval(Duration::from_millis(self.ttl as u64 * 1000 / 3));
-        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+impl Keeper {
+    async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        let period = Duration::from_millis(self.ttl as u64 * 1000 / 3);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ok = Instant::now();
         loop {
             tokio::select! {
-                change = queue.recv() => {
-                    let Some(change) = change else { return };
-                    *self.counts.entry(change.site).or_default() += change.delta;
-                    self.dirty.insert(change.site);
-                }
-                _ = flush.tick() => {
-                    if !self.dirty.is_empty() && self.rep.is_healthy() {
-                        self.write_streams().await;
-                    }
-                }
-                _ = keepalive.tick() => {
-                    if self.keep_alive().await {
-                        last_ok = Instant::now();
-                        self.rep.recover();
-                    } else if last_ok.elapsed() >= Duration::from_secs(self.ttl as u64) {
-                        self.rep.fence_off();
-                    }
-                }
+                _ = tick.tick() => {}
                 () = shutdown.cancelled() => {
                     // Let other nodes see at once that this node's streams are gone.
-                    let _ = self.client.lease_client().revoke(self.lease).await;
+                    let _ = self.client.lease_client().revoke(self.lease.id.load(SeqCst)).await;
                     return;
                 }
+            }
+            if self.keep_alive(period).await {
+                last_ok = Instant::now();
+                self.rep.recover();
+            } else if last_ok.elapsed() >= Duration::from_secs(self.ttl as u64) {
+                self.rep.fence_off();
             }
         }
     }
 
-    /// One keepalive round; takes a new lease (and puts every key back) when the old one expired.
-    async fn keep_alive(&mut self) -> bool {
-        let renewed = tokio::time::timeout(self.rep.catch_up_timeout, async {
-            let (mut keeper, mut stream) = self.client.lease_client().keep_alive(self.lease).await?;
+    /// One keepalive round, at most `limit`; takes a new lease when the old one expired.
+    async fn keep_alive(&mut self, limit: Duration) -> bool {
+        let id = self.lease.id.load(SeqCst);
+        let renewed = tokio::time::timeout(limit, async {
+            let (mut keeper, mut stream) = self.client.lease_client().keep_alive(id).await?;
             keeper.keep_alive().await?;
             Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
         })
@@ -125,8 +119,8 @@ impl Presence {
         let expired = |e: &etcd_client::Error| matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m.contains("lease not found"));
         match renewed {
             Ok(Ok(ttl)) if ttl > 0 => true,
-            Ok(Ok(_)) => self.renew().await,
-            Ok(Err(e)) if expired(&e) => self.renew().await,
+            Ok(Ok(_)) => self.renew(limit).await,
+            Ok(Err(e)) if expired(&e) => self.renew(limit).await,
             Ok(Err(e)) => {
                 tracing::warn!(node = %self.rep.node, error = %e, "lease keepalive failed");
                 false
@@ -138,13 +132,13 @@ impl Presence {
         }
     }
 
-    /// Takes a new lease (the old one expired) and marks every key to be put back on it.
-    async fn renew(&mut self) -> bool {
+    /// Takes a new lease (the old one expired) and has every stream key put back on it.
+    async fn renew(&mut self, limit: Duration) -> bool {
         tracing::warn!(node = %self.rep.node, "lease expired; taking a new one");
-        match tokio::time::timeout(self.rep.catch_up_timeout, grant(&self.client, &self.rep, self.ttl)).await {
-            Ok(Ok(lease)) => {
-                self.lease = lease;
-                self.dirty.extend(self.counts.iter().filter(|(_, n)| **n > 0).map(|(s, _)| *s));
+        match tokio::time::timeout(limit, grant(&self.client, &self.rep, self.ttl)).await {
+            Ok(Ok(id)) => {
+                self.lease.id.store(id, SeqCst);
+                self.lease.renewed.notify_one();
                 true
             }
             Ok(Err(e)) => {
@@ -154,10 +148,49 @@ impl Presence {
             Err(_) => false,
         }
     }
+}
+
+/// Writes this node's stream keys (one per site with a stream here), coalesced per tick.
+struct Presence {
+    agg: Aggregator,
+    rep: Arc<Replication>,
+    client: Client,
+    lease: Arc<Lease>,
+    /// Streams open here per site.
+    counts: FxHashMap<u32, i32>,
+    /// Sites whose key must be written (put or deleted).
+    dirty: FxHashSet<u32>,
+}
+
+impl Presence {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<PresenceChange>) {
+        let shutdown = self.agg.shared().shutdown.clone();
+        let mut flush = tokio::time::interval(PRESENCE_TICK);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                change = queue.recv() => {
+                    let Some(change) = change else { return };
+                    *self.counts.entry(change.site).or_default() += change.delta;
+                    self.dirty.insert(change.site);
+                }
+                () = self.lease.renewed.notified() => {
+                    self.dirty.extend(self.counts.iter().filter(|(_, n)| **n > 0).map(|(s, _)| *s));
+                }
+                _ = flush.tick() => {
+                    if !self.dirty.is_empty() && self.rep.is_healthy() {
+                        self.write_streams().await;
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
 
     /// Puts the key of each changed site with a stream here, deletes the others.
     async fn write_streams(&mut self) {
         let registry = self.agg.registry();
+        let lease = self.lease.id.load(SeqCst);
         let sites: Vec<u32> = self.dirty.drain().collect();
         for chunk in sites.chunks(PRESENCE_OPS) {
             let ops: Vec<TxnOp> = chunk
@@ -166,7 +199,7 @@ impl Presence {
                     let id = &registry.sites.get(*site as usize)?.id;
                     let key = keys::stream(&self.rep.prefix, id, &self.rep.node);
                     Some(if self.counts.get(site).is_some_and(|n| *n > 0) {
-                        TxnOp::put(key, "", Some(PutOptions::new().with_lease(self.lease)))
+                        TxnOp::put(key, "", Some(PutOptions::new().with_lease(lease)))
                     } else {
                         TxnOp::delete(key, None)
                     })

@@ -12,6 +12,7 @@
 //! This module knows nothing of the aggregator: the flusher reads the state through [`Source`].
 
 pub mod failpoints;
+pub mod frames;
 pub mod fs;
 pub mod journal;
 pub mod record;

@@ -5,7 +5,7 @@
 //! short or fails its checksum marks the end of the usable file; a well-formed frame with an
 //! unknown tag is refused (a newer build wrote it).
 
-use std::io::{self, Read};
+use std::io::Read;
 
 use prost::Message;
 
@@ -265,7 +265,7 @@ impl Record {
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
-    fn decode(payload: &[u8]) -> Result<Self, Stop> {
+    pub(crate) fn decode(payload: &[u8]) -> Result<Self, Stop> {
         let Some((&tag, body)) = payload.split_first() else { return Err(Stop::Bad("empty record".into())) };
         let bad = |e: prost::DecodeError| Stop::Bad(format!("unparsable record: {e}"));
         match tag {
@@ -282,14 +282,6 @@ impl Record {
     }
 }
 
-/// Reads framed records until the end of input or the first bad frame.
-pub struct Reader<R> {
-    inner: R,
-    /// Bytes of good records consumed so far (after the header).
-    pub good_bytes: u64,
-    buf: Vec<u8>,
-}
-
 /// Why reading stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
@@ -299,124 +291,4 @@ pub enum Stop {
     Bad(String),
     /// A well-formed frame of a kind this build does not know.
     UnknownTag(u8),
-}
-
-impl<R: Read> Reader<R> {
-    /// A reader positioned after the header.
-    pub fn new(inner: R) -> Self {
-        Self { inner, good_bytes: 0, buf: Vec::new() }
-    }
-
-    /// The underlying reader.
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
-
-    /// The next record, or why there is none.
-    pub fn next_record(&mut self) -> Result<Record, Stop> {
-        let mut frame = [0u8; 8];
-        match read_full(&mut self.inner, &mut frame) {
-            Ok(0) => return Err(Stop::End),
-            Ok(8) => {}
-            Ok(n) => return Err(Stop::Bad(format!("torn frame header ({n} of 8 bytes)"))),
-            Err(e) => return Err(Stop::Bad(format!("read error: {e}"))),
-        }
-        let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
-        let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        if len == 0 || len > MAX_PAYLOAD {
-            return Err(Stop::Bad(format!("implausible record length {len}")));
-        }
-        self.buf.resize(len as usize, 0);
-        match read_full(&mut self.inner, &mut self.buf) {
-            Ok(n) if n == len as usize => {}
-            Ok(n) => return Err(Stop::Bad(format!("torn record ({n} of {len} bytes)"))),
-            Err(e) => return Err(Stop::Bad(format!("read error: {e}"))),
-        }
-        if crc32fast::hash(&self.buf) != crc {
-            return Err(Stop::Bad("record checksum mismatch".into()));
-        }
-        let rec = Record::decode(&self.buf)?;
-        self.good_bytes += 8 + u64::from(len);
-        Ok(rec)
-    }
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_round_trip_and_corruption_stops_reading() {
-        let recs = vec![
-            Record::Register(RegisterRecord { site: "S1".into(), desk: 2, session: 3, seq: 7, count: 19 }),
-            Record::Curve(CurveRecord {
-                unix_ms: 1000,
-                sessions: vec![1, 2],
-                rows: vec![CurveRow { province: String::new(), counts: vec![1, 2] }],
-            }),
-            Record::Correction(Correction { site_id: "S1".into(), seq: 3, reason: "x".into(), ..Default::default() }),
-            Record::End { records: 3 },
-        ];
-        let mut buf = Vec::new();
-        for r in &recs {
-            r.encode(&mut buf);
-        }
-        let mut rd = Reader::new(&buf[..]);
-        for r in &recs {
-            assert_eq!(&rd.next_record().expect("good record"), r);
-        }
-        assert_eq!(rd.next_record(), Err(Stop::End));
-        assert_eq!(rd.good_bytes, buf.len() as u64);
-        // Flip one byte in the second record: reading stops after the first.
-        let first = {
-            let mut b = Vec::new();
-            recs[0].encode(&mut b);
-            b.len()
-        };
-        let mut bad = buf.clone();
-        bad[first + 8 + 3] ^= 0xff;
-        let mut rd = Reader::new(&bad[..]);
-        assert!(rd.next_record().is_ok());
-        assert!(matches!(rd.next_record(), Err(Stop::Bad(_))));
-        assert_eq!(rd.good_bytes, first as u64);
-        // The allocation-free register encoding is byte for byte the derived one.
-        for r in [
-            RegisterRecord { site: "S00042".into(), desk: 3, session: 2, seq: 1 << 40, count: -5 },
-            RegisterRecord { site: String::new(), desk: 0, session: 0, seq: 0, count: 0 },
-        ] {
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            Record::encode_register(&r.site, r.desk, r.session, r.seq, r.count, &mut a);
-            Record::Register(r).encode(&mut b);
-            assert_eq!(a, b);
-        }
-        // A well-formed frame with a tag this build does not know is refused, not skipped.
-        let payload = [99u8, 1, 2, 3];
-        let mut unknown = (payload.len() as u32).to_le_bytes().to_vec();
-        unknown.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        unknown.extend_from_slice(&payload);
-        assert_eq!(Reader::new(&unknown[..]).next_record(), Err(Stop::UnknownTag(99)));
-        // Truncation anywhere inside a record stops cleanly too.
-        for cut in 1..buf.len() {
-            let mut rd = Reader::new(&buf[..cut]);
-            let mut n = 0;
-            while rd.next_record().is_ok() {
-                n += 1;
-            }
-            assert!(n < recs.len());
-            assert!(rd.good_bytes <= cut as u64);
-        }
-    }
 }

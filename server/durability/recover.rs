@@ -21,7 +21,8 @@ use std::{
 use rustc_hash::FxHashMap;
 
 use super::{
-    record::{CurveRecord, HEADER_LEN, Header, InstallRecord, Reader, Record, Stop},
+    frames::Reader,
+    record::{CurveRecord, HEADER_LEN, Header, InstallRecord, Record, Stop},
     store::{JOURNAL_MAGIC, SNAPSHOT_MAGIC, StoreError, check_format, io, list},
 };
 use crate::{proto::v1::Correction, server::registers::Register};

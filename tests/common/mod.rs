@@ -1,11 +1,15 @@
 //! Shared helpers of the end-to-end tests: an in-process server on an ephemeral port, raw ingest
 //! streams, a Totals reader, a hierarchy-walking totals check, a connection-cutting TCP proxy and
-//! `eventually` (bounded polling instead of sleeps).
+//! `eventually` (bounded polling instead of sleeps); for cluster mode, a real etcd cluster
+//! (`etcd`), a proxy that partitions a node from it (`proxy`) and a history checker (`checker`).
 //!
 //! Every test binary compiles this module and uses a different part of it.
 
 #![allow(dead_code, missing_docs)]
 
+pub mod checker;
+pub mod etcd;
+pub mod proxy;
 pub mod raw;
 
 use std::{

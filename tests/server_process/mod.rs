@@ -72,7 +72,9 @@ impl DataDir {
         }
     }
 
-    fn command(&self, addr_file: &Path, failpoints: Option<&str>) -> Command {
+    /// The server's command line (add flags to it, or send stderr elsewhere, before
+    /// [`DataDir::spawn`]).
+    pub fn command(&self, addr_file: &Path, failpoints: Option<&str>) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_headcount-server"));
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
@@ -104,11 +106,22 @@ impl DataDir {
 
     /// Starts the server and waits until it has written its address.
     pub async fn start(&self, failpoints: Option<&str>) -> Server {
+        let addr_file = self.addr_file();
+        self.spawn(self.command(&addr_file, failpoints), &addr_file).await
+    }
+
+    /// A fresh path for a start's address file.
+    pub fn addr_file(&self) -> PathBuf {
         let n = STARTS.fetch_add(1, Ordering::Relaxed);
-        let addr_file = self.root.path().join(format!("addr-{n}"));
-        let mut child = self.command(&addr_file, failpoints).spawn().expect("spawn headcount-server");
+        self.root.path().join(format!("addr-{n}"))
+    }
+
+    /// Spawns `cmd` (from [`DataDir::command`] with `addr_file`) and waits until the server has
+    /// written its address.
+    pub async fn spawn(&self, mut cmd: Command, addr_file: &Path) -> Server {
+        let mut child = cmd.spawn().expect("spawn headcount-server");
         let addr = eventually("server address file", DEADLINE, || {
-            let found = std::fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok());
+            let found = std::fs::read_to_string(addr_file).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok());
             let exited = child.try_wait().ok().flatten();
             async move {
                 match (found, exited) {

@@ -188,6 +188,17 @@ pub struct ServerArgs {
     /// streams (sites fail over to another node) until etcd is back. Whole seconds, 2s..600s.
     #[arg(long, env = "HEADCOUNT_ETCD_LEASE_TTL", default_value = "5s", value_parser = duration)]
     pub etcd_lease_ttl: Duration,
+    /// Cluster mode over TLS: PEM CA that signed the etcd members' certificates (`https://`
+    /// --etcd URLs need it).
+    #[arg(long, env = "HEADCOUNT_ETCD_CA", requires = "etcd")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Cluster mode over TLS: this node's PEM client certificate, for etcd's
+    /// `--client-cert-auth`.
+    #[arg(long, env = "HEADCOUNT_ETCD_CERT", requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Cluster mode over TLS: the PEM private key of --etcd-cert.
+    #[arg(long, env = "HEADCOUNT_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
     #[arg(long, env = "HEADCOUNT_LOG_FORMAT", value_enum, default_value_t = crate::logging::LogFormat::Text)]
     pub log_format: crate::logging::LogFormat,
@@ -342,6 +353,12 @@ impl ServerArgs {
         c.lease_ttl = self.etcd_lease_ttl;
         c.flush_interval = self.flush_interval;
         c.flush_records = self.flush_records;
+        if let Some(ca) = &self.etcd_ca {
+            c.tls = Some(
+                super::cluster::EtcdTls::load(ca, self.etcd_cert.as_deref(), self.etcd_key.as_deref())
+                    .map_err(|e| e.to_string())?,
+            );
+        }
         c.validate().map_err(|e| e.to_string())?;
         Ok(Some(c))
     }

@@ -267,3 +267,86 @@ async fn a_node_cut_off_across_a_compaction_lists_again_and_ends_exact() {
     let trail = reader_b.corrections(0).await.corrections;
     assert_eq!(trail.len(), 1, "the correction made while b was away is in its trail, once");
 }
+
+/// An etcd member serving its clients over TLS and requiring client certificates, killed on drop.
+struct TlsEtcd(std::process::Child);
+
+impl Drop for TlsEtcd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_etcd_over_tls_with_its_client_certificate_and_is_refused_without() {
+    use headcount::server::cluster::EtcdTls;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "etcd test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let issue = |cn: &str, names: Vec<String>| {
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        (p.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue("etcd", vec!["127.0.0.1".into()]);
+    let (client_cert, client_key) = issue("agg-1", vec![]);
+    let path = |n: &str| dir.path().join(n);
+    for (name, pem) in [("ca.pem", &ca_pem), ("server.pem", &server_cert), ("server.key", &server_key)] {
+        std::fs::write(path(name), pem).unwrap();
+    }
+    let ports: Vec<u16> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    let (client, peer) = (format!("https://127.0.0.1:{}", ports[0]), format!("http://127.0.0.1:{}", ports[1]));
+    let binary = headcount::client::cluster::etcd::etcd_binary().expect("etcd is installed (scripts/test.sh)");
+    let _etcd = TlsEtcd(
+        std::process::Command::new(binary)
+            .args(["--name", "tls", "--data-dir"])
+            .arg(path("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("tls={peer}"), "--client-cert-auth"])
+            .arg("--cert-file")
+            .arg(path("server.pem"))
+            .arg("--key-file")
+            .arg(path("server.key"))
+            .arg("--trusted-ca-file")
+            .arg(path("ca.pem"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd"),
+    );
+    let registry = small_registry();
+    let config = |identity: Option<(Vec<u8>, Vec<u8>)>| {
+        let mut c = ClusterConfig::new(vec![client.clone()], "agg-1");
+        c.tls = Some(EtcdTls { ca: ca_pem.clone().into_bytes(), identity });
+        c
+    };
+    let with_cert = Some((client_cert.clone().into_bytes(), client_key.clone().into_bytes()));
+    let agg = eventually("a node opens over TLS with its client certificate", DEADLINE, || async {
+        Aggregator::open_cluster(registry.clone(), test_config(), config(with_cert.clone()))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let rep = agg.shared().replication.clone().unwrap();
+    assert!(rep.barrier().await.unwrap() > 0, "writes reach etcd over TLS");
+    let refused = Aggregator::open_cluster(registry.clone(), test_config(), config(None)).await;
+    assert!(refused.is_err(), "etcd refuses a node without a client certificate");
+    let plain =
+        Aggregator::open_cluster(registry.clone(), test_config(), ClusterConfig::new(vec![client.clone()], "x")).await;
+    let why = plain.err().expect("https without a CA is refused").to_string();
+    assert!(why.contains("--etcd-ca"), "{why}");
+    agg.shutdown();
+}

@@ -49,6 +49,47 @@ pub struct ClusterConfig {
     /// Registers per etcd transaction: at most etcd's `--max-txn-ops` − 2 (126 by default; each
     /// compare-and-set nests two transactions, and etcd counts nested operations against it).
     pub txn_registers: usize,
+    /// TLS towards etcd (`https://` endpoints): the CA that signed etcd's certificates and,
+    /// for etcd's `--client-cert-auth`, this node's client certificate and key (PEM bytes).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS material for etcd's client port (read from files at start; see [`EtcdTls::load`]).
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// PEM CA certificate(s) that sign the etcd members' server certificates.
+    pub ca: Vec<u8>,
+    /// PEM client certificate chain and key, when etcd requires client certificates.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_bytes", &self.ca.len())
+            .field("client_cert", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl EtcdTls {
+    /// Reads `--etcd-ca` and, when given, `--etcd-cert` / `--etcd-key`. Errors name the flag and
+    /// the file.
+    pub fn load(
+        ca: &std::path::Path,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Self, ClusterError> {
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClusterError::Setting(format!("cannot read {flag} {}: {e}", p.display())))
+        };
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+            (None, None) => None,
+            _ => return Err(ClusterError::Setting("--etcd-cert and --etcd-key go together".into())),
+        };
+        Ok(Self { ca: read("--etcd-ca", ca)?, identity })
+    }
 }
 
 impl ClusterConfig {
@@ -67,6 +108,7 @@ impl ClusterConfig {
             // group of 127+ changed registers was refused ("too many operations in txn
             // request") on every retry: nothing was acknowledged again.
             txn_registers: 126,
+            tls: None,
         }
     }
 
@@ -92,6 +134,20 @@ impl ClusterConfig {
         if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(600) {
             return bad(format!("--etcd-lease-ttl {:?} must be between 2s and 600s", self.lease_ttl));
         }
+        let https = self.endpoints.iter().filter(|e| e.starts_with("https://")).count();
+        match (&self.tls, https) {
+            (None, n) if n > 0 => {
+                return bad(
+                    "--etcd has https:// URLs: give etcd's CA with --etcd-ca (and --etcd-cert/--etcd-key if etcd \
+                     checks client certificates)"
+                        .into(),
+                );
+            }
+            (Some(_), n) if n != self.endpoints.len() => {
+                return bad("--etcd-ca is set: every --etcd URL must be https://".into());
+            }
+            _ => {}
+        }
         if !(1..=1024).contains(&self.txn_registers) {
             return bad("registers per transaction must be 1..=1024 (etcd's --max-txn-ops)".into());
         }
@@ -101,7 +157,17 @@ impl ClusterConfig {
     /// The etcd client's options: connect and request timeouts, HTTP/2 keepalive, and requests
     /// refused by a member that has no leader (so a partitioned minority fails fast).
     pub fn connect_options(&self) -> ConnectOptions {
-        ConnectOptions::new()
+        let options = match &self.tls {
+            Some(tls) => {
+                let mut t = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&tls.ca));
+                if let Some((cert, key)) = &tls.identity {
+                    t = t.identity(etcd_client::Identity::from_pem(cert, key));
+                }
+                ConnectOptions::new().with_tls(t)
+            }
+            None => ConnectOptions::new(),
+        };
+        options
             .with_connect_timeout(self.request_timeout)
             .with_timeout(self.request_timeout)
             .with_keep_alive(Duration::from_secs(2), self.request_timeout)

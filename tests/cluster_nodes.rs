@@ -36,9 +36,18 @@ struct Node {
 }
 
 async fn node(registry: &Registry, endpoints: Vec<String>, name: &str) -> Node {
+    node_with(registry, endpoints, name, test_config()).await
+}
+
+async fn node_with(
+    registry: &Registry,
+    endpoints: Vec<String>,
+    name: &str,
+    config: headcount::server::AggregatorConfig,
+) -> Node {
     let mut cluster = ClusterConfig::new(endpoints, name);
     cluster.lease_ttl = Duration::from_secs(3);
-    let agg = within("open a cluster node", Aggregator::open_cluster(registry.clone(), test_config(), cluster))
+    let agg = within("open a cluster node", Aggregator::open_cluster(registry.clone(), config, cluster))
         .await
         .expect("cluster node opens on the local etcd");
     let transport = Transport { grace: Duration::from_millis(500), ..Transport::default() };
@@ -349,4 +358,42 @@ async fn a_node_reaches_etcd_over_tls_with_its_client_certificate_and_is_refused
     let why = plain.err().expect("https without a CA is refused").to_string();
     assert!(why.contains("--etcd-ca"), "{why}");
     agg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_streaming_on_one_node_is_reporting_on_every_node_until_its_stream_ends() {
+    let (_dir, etcd) = etcd().await;
+    let registry = small_registry();
+    let silent_after = Duration::from_millis(800);
+    let config = headcount::server::AggregatorConfig { silent_after, ..test_config() };
+    let a = node_with(&registry, etcd.endpoints(), "a", config.clone()).await;
+    let b = node_with(&registry, etcd.endpoints(), "b", config).await;
+    let (ta, tb) = (
+        common::TestServer { server: a.server, auth: auth(), registry: registry.clone() },
+        common::TestServer { server: b.server, auth: auth(), registry: registry.clone() },
+    );
+    let reader_b = tb.reader().await;
+    let id = registry.sites[3].id.clone();
+    let reporting_on_b = || async { reader_b.totals(site(&id), None).await.sites_reporting };
+    assert_eq!(reporting_on_b().await, 0, "never seen: silent");
+    // A stream on node a that reports once, then stays open and idle (no heartbeats).
+    let mut stream = ta.open(&ta.channel().await, &id, 1).await;
+    stream.send_batch(vec![report(1, 1, 2)]).await;
+    let since = std::time::Instant::now();
+    eventually("node b counts the site as reporting well past the silence interval", DEADLINE, || async {
+        let reporting = reporting_on_b().await;
+        if reporting == 1 && since.elapsed() > silent_after * 3 {
+            Ok(())
+        } else {
+            Err(format!("reporting {reporting} after {:?}", since.elapsed()))
+        }
+    })
+    .await;
+    // The stream ends: its presence key goes, and node b flags the site silent.
+    drop(stream);
+    eventually("node b flags the site silent once its only stream (on node a) ended", DEADLINE, || async {
+        let reporting = reporting_on_b().await;
+        if reporting == 0 { Ok(()) } else { Err(format!("reporting {reporting}")) }
+    })
+    .await;
 }

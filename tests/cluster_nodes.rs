@@ -397,3 +397,18 @@ async fn a_site_streaming_on_one_node_is_reporting_on_every_node_until_its_strea
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_with_a_running_nodes_name_is_refused() {
+    let (_dir, etcd) = etcd().await;
+    let registry = small_registry();
+    let _a = node(&registry, etcd.endpoints(), "agg-1").await;
+    let mut twin = ClusterConfig::new(etcd.endpoints(), "agg-1");
+    twin.lease_ttl = Duration::from_secs(2);
+    let refused =
+        within("the twin's start gives up after its wait", Aggregator::open_cluster(registry, test_config(), twin))
+            .await
+            .err()
+            .expect("a second node named agg-1 is refused while the first runs");
+    assert!(refused.to_string().contains("--node"), "{refused}");
+}

@@ -235,9 +235,14 @@ impl Aggregator {
             .await
             .map_err(|source| ClusterError::Etcd { endpoints: cluster.endpoints.join(","), source })?;
         rep.set_applied(revision);
-        let lease = presence::start(&agg, &cluster, client.clone(), queues.presence, remote.clone())
-            .await
-            .map_err(|source| ClusterError::Etcd { endpoints: cluster.endpoints.join(","), source })?;
+        let lease = presence::start(&agg, &cluster, client.clone(), queues.presence, remote.clone()).await.map_err(
+            |e| match e {
+                presence::StartError::Etcd(source) => {
+                    ClusterError::Etcd { endpoints: cluster.endpoints.join(","), source }
+                }
+                taken @ presence::StartError::NameTaken(_) => ClusterError::Setting(taken.to_string()),
+            },
+        )?;
         tokio::spawn(feed::run(state, client, cluster.prefix.clone(), revision));
         tokio::spawn(rep.clone().run_barriers(queues.barriers));
         commit::start(agg.clone(), d, rep.clone(), cluster.clone())?;

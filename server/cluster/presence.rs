@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{Notify, mpsc};
 
@@ -42,10 +42,10 @@ pub async fn start(
     client: Client,
     queue: mpsc::UnboundedReceiver<PresenceChange>,
     remote: Arc<RemoteStreams>,
-) -> Result<i64, etcd_client::Error> {
+) -> Result<i64, StartError> {
     let Some(rep) = agg.shared().replication.clone() else { return Ok(0) };
     let ttl = config.lease_ttl.as_secs().max(2) as i64;
-    let id = grant(&client, &rep, ttl).await?;
+    let id = grant_at_start(&client, &rep, ttl).await?;
     let lease = Arc::new(Lease { id: AtomicI64::new(id), renewed: Notify::new() });
     let keeper = Keeper { rep: rep.clone(), client: client.clone(), ttl, lease: lease.clone() };
     tokio::spawn(keeper.run(agg.shared().shutdown.clone()));
@@ -56,12 +56,52 @@ pub async fn start(
     Ok(id)
 }
 
-/// Grants a lease and puts the node key on it.
-async fn grant(client: &Client, rep: &Replication, ttl: i64) -> Result<i64, etcd_client::Error> {
+/// Grants a lease and creates the node key on it; `Ok(None)` when the key is held by another
+/// live lease (a node of the same name is running, or a crashed one's lease has not expired).
+async fn grant(client: &Client, rep: &Replication, ttl: i64) -> Result<Option<i64>, etcd_client::Error> {
     let lease = client.lease_client().grant(ttl, None).await?.id();
     let key = keys::node(&rep.prefix, &rep.node);
-    client.kv_client().put(key, now_ms().to_string(), Some(PutOptions::new().with_lease(lease))).await?;
-    Ok(lease)
+    let create = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+        key,
+        now_ms().to_string(),
+        Some(PutOptions::new().with_lease(lease)),
+    )]);
+    if client.kv_client().txn(create).await?.succeeded() {
+        Ok(Some(lease))
+    } else {
+        let _ = client.lease_client().revoke(lease).await;
+        Ok(None)
+    }
+}
+
+/// Why a node cannot take its name.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// etcd did not answer.
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    /// Another live node holds the name.
+    #[error(
+        "another aggregator node named {0:?} is running (its etcd lease stayed alive for a whole TTL): give each \
+         node its own --node name"
+    )]
+    NameTaken(String),
+}
+
+/// [`grant`] at start: a node restarted right after a crash waits for its old lease to expire
+/// (at most one TTL and a bit); a name still held after that belongs to a running node.
+async fn grant_at_start(client: &Client, rep: &Replication, ttl: i64) -> Result<i64, StartError> {
+    let deadline = Instant::now() + Duration::from_secs(ttl as u64 + 2);
+    loop {
+        if let Some(lease) = grant(client, rep, ttl).await? {
+            return Ok(lease);
+        }
+        if Instant::now() >= deadline {
+            return Err(StartError::NameTaken(rep.node.clone()));
+        }
+        tracing::info!(node = %rep.node, "the node name is held by a lease (a crashed run of this node?); waiting for it to expire");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The node's current lease, shared by the keeper and the presence writer.
@@ -136,7 +176,11 @@ impl Keeper {
     async fn renew(&mut self, limit: Duration) -> bool {
         tracing::warn!(node = %self.rep.node, "lease expired; taking a new one");
         match tokio::time::timeout(limit, grant(&self.client, &self.rep, self.ttl)).await {
-            Ok(Ok(id)) => {
+            Ok(Ok(None)) => {
+                tracing::error!(node = %self.rep.node, "another live node holds this node's name; staying fenced");
+                false
+            }
+            Ok(Ok(Some(id))) => {
                 self.lease.id.store(id, SeqCst);
                 self.lease.renewed.notify_one();
                 true

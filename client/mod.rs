@@ -17,6 +17,8 @@ pub mod queries;
 pub mod simulate;
 pub mod simulate_badges;
 pub mod simulate_cluster;
+pub mod simulate_plan;
+pub mod simulate_report;
 pub mod site;
 pub mod site_config;
 pub mod watch;

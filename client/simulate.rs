@@ -12,12 +12,13 @@ use std::{
 };
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::{Rng, SeedableRng, seq::SliceRandom};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
+pub(super) use super::simulate_plan::{DeskPlan, Plan, arrived, plan};
+pub use super::simulate_report::{SimulationReport, print_report};
 use super::{
     connect::{ConnectError, authorized, endpoint},
     dashboard::thousands,
@@ -157,114 +158,6 @@ pub enum SimulateError {
     Args(String),
 }
 
-/// The outcome.
-#[derive(Debug, Clone, Serialize)]
-pub struct SimulationReport {
-    /// Sites in the registry.
-    pub sites: usize,
-    /// Reporters (desks) that ran.
-    pub reporters: usize,
-    /// HTTP/2 connections used.
-    pub connections: usize,
-    /// Check-ins handed to reporters.
-    pub check_ins: u64,
-    /// Aggregator: reports that changed a register.
-    pub reports_applied: u64,
-    /// Aggregator: stale or duplicate reports (no change).
-    pub reports_unchanged: u64,
-    /// Aggregator: rejected reports.
-    pub reports_rejected: u64,
-    /// Stream openings beyond the first per reporter.
-    pub reconnects: u64,
-    /// Corrections performed.
-    pub corrections: u32,
-    /// Silent sites reported by the aggregator.
-    pub silent_sites: u32,
-    /// Seconds from the first check-in to the last acknowledgement.
-    pub seconds: f64,
-    /// Check-ins per second over that time.
-    pub check_ins_per_second: f64,
-    /// Totals compared (scope × session).
-    pub totals_checked: usize,
-    /// Mismatches found (at most 20 listed).
-    pub mismatches: Vec<String>,
-    /// Number of mismatches.
-    pub mismatch_count: usize,
-    /// Cluster mode (`--cluster`): the nodes, the one killed, and those verified.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<super::simulate_cluster::ClusterOutcome>,
-}
-
-impl SimulationReport {
-    /// True when every level matched.
-    pub fn exact(&self) -> bool {
-        self.mismatch_count == 0
-    }
-}
-
-/// One desk's plan.
-pub(super) struct DeskPlan {
-    pub(super) site: u32,
-    pub(super) desk: u32,
-    /// Check-ins per session index.
-    pub(super) totals: Vec<u32>,
-    /// Extra badges scanned twice then corrected away, per session index (0: none).
-    pub(super) correction: Option<(usize, u32)>,
-}
-
-/// Ground truth and plans.
-pub(super) struct Plan {
-    pub(super) desks: Vec<DeskPlan>,
-    /// expected[site][session] check-ins.
-    pub(super) expected: Vec<Vec<i64>>,
-    pub(super) silent: Vec<u32>,
-}
-
-pub(super) fn plan(registry: &Registry, args: &SimulateArgs, rng: &mut ChaCha8Rng) -> Plan {
-    let sessions = registry.sessions.len();
-    let session_factor = [0.97, 0.91, 0.94, 0.86];
-    let mut order: Vec<u32> = (0..registry.sites.len() as u32).collect();
-    order.shuffle(rng);
-    let silent: Vec<u32> = order.iter().copied().take(args.silent_sites as usize).collect();
-    let mut expected = vec![vec![0i64; sessions]; registry.sites.len()];
-    let mut desks = Vec::new();
-    for (i, site) in registry.sites.iter().enumerate() {
-        if silent.contains(&(i as u32)) {
-            continue;
-        }
-        // A few sites get more delegates than registered: accepted and flagged.
-        let over = rng.random_bool(0.003);
-        let base: f64 = if over { rng.random_range(1.05..1.2) } else { rng.random_range(0.8..1.0) };
-        let d = u32::from(site.desks);
-        let mut site_desks: Vec<DeskPlan> = (1..=d)
-            .map(|desk| DeskPlan { site: i as u32, desk, totals: vec![0; sessions], correction: None })
-            .collect();
-        for (s, exp) in expected[i].iter_mut().enumerate() {
-            let f = session_factor[s % session_factor.len()];
-            let n = (f64::from(site.registered) * base * f).round() as u32;
-            *exp = i64::from(n);
-            for (k, dp) in site_desks.iter_mut().enumerate() {
-                // Split as evenly as possible.
-                dp.totals[s] = n / d + u32::from((k as u32) < n % d);
-            }
-        }
-        desks.append(&mut site_desks);
-    }
-    for _ in 0..args.corrections.min(desks.len() as u32) {
-        let k = rng.random_range(0..desks.len());
-        let s = rng.random_range(0..sessions);
-        desks[k].correction = Some((s, rng.random_range(1..=5)));
-    }
-    Plan { desks, expected, silent }
-}
-
-/// Fraction of a session's arrivals that have arrived at `x` ∈ [0, 1] of its window: a
-/// logistic burst peaking at 60 % of the window (the rush before the start), normalised to 0..1.
-pub(super) fn arrived(x: f64) -> f64 {
-    let f = |x: f64| 1.0 / (1.0 + (-(x - 0.6) * 12.0).exp());
-    ((f(x.clamp(0.0, 1.0)) - f(0.0)) / (f(1.0) - f(0.0))).clamp(0.0, 1.0)
-}
-
 /// Runs the simulation against an in-process aggregator on 127.0.0.1.
 pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError> {
     if let Some(nodes) = args.cluster {
@@ -282,7 +175,7 @@ pub async fn run(args: &SimulateArgs) -> Result<SimulationReport, SimulateError>
     let transport = Transport { max_streams_per_connection: 4096, max_concurrent_handshakes, ..Transport::default() };
     check_limits(args, &registry, &transport)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
-    let plan = plan(&registry, args, &mut rng);
+    let plan = plan(&registry, args.silent_sites, args.corrections, &mut rng);
     let secret: [u8; 32] = rng.random();
     let auth = Auth::new(&secret).map_err(|e| SimulateError::Args(e.to_string()))?;
     let config = AggregatorConfig {
@@ -680,42 +573,4 @@ pub(super) async fn verify(
         }
     }
     Ok((checked, bad))
-}
-
-/// Prints the report for people.
-pub fn print_report(r: &SimulationReport, out: &mut impl std::io::Write) {
-    let _ = writeln!(
-        out,
-        "Simulated {} sites ({} desk reporters over {} connections), {} silent.",
-        thousands(r.sites as i64),
-        thousands(r.reporters as i64),
-        r.connections,
-        r.silent_sites
-    );
-    let _ = writeln!(
-        out,
-        "Check-ins: {} in {:.1} s ({}/s). Aggregator applied {} reports, ignored {} duplicates/stale, rejected {}.",
-        thousands(r.check_ins as i64),
-        r.seconds,
-        thousands(r.check_ins_per_second as i64),
-        thousands(r.reports_applied as i64),
-        thousands(r.reports_unchanged as i64),
-        r.reports_rejected
-    );
-    let _ = writeln!(out, "Reconnects: {}. Corrections: {}.", r.reconnects, r.corrections);
-    if let Some(c) = &r.cluster {
-        super::simulate_cluster::print(c, out);
-    }
-    if r.exact() {
-        let _ = writeln!(
-            out,
-            "VERDICT: EXACT — all {} totals (national, provinces, communes, sites × every session) match the ground truth.",
-            thousands(r.totals_checked as i64)
-        );
-    } else {
-        let _ = writeln!(out, "VERDICT: MISMATCH — {} of {} totals differ:", r.mismatch_count, r.totals_checked);
-        for m in &r.mismatches {
-            let _ = writeln!(out, "  {m}");
-        }
-    }
 }

@@ -85,7 +85,7 @@ pub async fn run(args: &SimulateArgs, n: u32) -> Result<SimulationReport, Simula
     let transport = Transport { max_streams_per_connection: 4096, ..Transport::default() };
     check_limits(args, &registry, &transport)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
-    let plan = plan(&registry, args, &mut rng);
+    let plan = plan(&registry, args.silent_sites, args.corrections, &mut rng);
     let secret = hex::encode(rng.random::<[u8; 32]>());
     let auth = Auth::new(secret.as_bytes()).map_err(|e| SimulateError::Args(e.to_string()))?;
     let scratch = tempfile::Builder::new().prefix("headcount-sim-cluster-").tempdir()?;

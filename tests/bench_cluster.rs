@@ -4,42 +4,19 @@
 //! lag probe, the reference peak exact on every node, and every stream of the killed node
 //! resumed with its acknowledged state and acknowledged again on a survivor.
 
-use std::{
-    io::Read,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
+
+use std::time::Duration;
 
 /// A small run takes about 20 s in a debug build; this bounds a hang on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(400);
 
 #[test]
 fn bench_cluster_compares_one_node_with_three_and_fails_a_node_over() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_headcount"))
-        .args(["bench", "cluster", "--duration", "1s", "--streams", "30", "--connections", "3", "--rate", "300"])
-        .arg("--json")
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn headcount bench cluster");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("bench cluster did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read stdout");
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
-    assert!(status.success(), "bench cluster failed: {status}\n{err}\n{out}");
-    let r: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
+    let r = common::headcount_json(
+        &["bench", "cluster", "--duration", "1s", "--streams", "30", "--connections", "3", "--rate", "300", "--json"],
+        DEADLINE,
+    );
     let c = &r["cluster"];
     let f64_at =
         |v: &serde_json::Value, path: &str| v.pointer(path).and_then(serde_json::Value::as_f64).unwrap_or(-1.0);

@@ -5,11 +5,9 @@
 //! next address they were given), restarts it, and every level of every session must be EXACT on
 //! every node, the restarted one included.
 
-use std::{
-    io::Read,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
+
+use std::time::Duration;
 
 /// The run takes about 15 s in a debug build; this bounds a hang on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(400);
@@ -25,32 +23,10 @@ fn register_model_on_three_nodes_with_one_killed_is_exact_on_every_node() {
 }
 
 fn simulate_on_three_nodes(model: &[&str]) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_headcount"))
-        .args(["simulate", "--cluster", "3", "--sites", "60", "--duration", "6s", "--reconnects", "50"])
-        .args(model)
-        .args(["--no-http", "--json"])
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn headcount simulate --cluster 3");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("simulate --cluster did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read stdout");
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
-    assert!(status.success(), "simulate --cluster failed: {status}\n{err}\n{out}");
-    let r: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
+    let mut args = vec!["simulate", "--cluster", "3", "--sites", "60", "--duration", "6s", "--reconnects", "50"];
+    args.extend_from_slice(model);
+    args.extend(["--no-http", "--json"]);
+    let r = common::headcount_json(&args, DEADLINE);
     assert_eq!(r["mismatch_count"], 0, "{r:#}");
     assert!(r["check_ins"].as_u64().unwrap_or(0) > 0, "{r:#}");
     let c = &r["cluster"];

@@ -38,6 +38,28 @@ pub(super) struct AgentOutcome {
     pub(super) samples: Samples,
 }
 
+/// What every agent driver of a run did, together.
+pub(super) struct Collected {
+    pub(super) check_ins: u64,
+    pub(super) unacknowledged: u64,
+    /// Samples beyond the histogram's range.
+    pub(super) misses: u64,
+    /// Ack latencies of every driver, merged.
+    pub(super) latency: hdrhistogram::Histogram<u64>,
+}
+
+/// Waits for every agent driver in `set` and merges their outcomes. Error: a driver panicked.
+pub(super) async fn collect(set: &mut tokio::task::JoinSet<AgentOutcome>) -> Result<Collected, BenchError> {
+    let mut c = Collected { check_ins: 0, unacknowledged: 0, misses: 0, latency: histogram() };
+    while let Some(r) = set.join_next().await {
+        let o = r.map_err(|e| BenchError::Mismatch(format!("agent driver failed: {e}")))?;
+        c.check_ins += o.check_ins;
+        c.unacknowledged += o.unacknowledged;
+        c.misses += o.samples.merge_into(&mut c.latency);
+    }
+    Ok(c)
+}
+
 /// Runs the agents mode.
 pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -> Result<(), BenchError> {
     let server = ServerProcess::start(&ctx.spec(args, "127.0.0.1:0")?, ctx.scratch.path())?;
@@ -123,14 +145,7 @@ pub(super) async fn run(ctx: &Ctx, args: &BenchArgs, report: &mut BenchReport) -
     }
     stop.store(true, Relaxed);
     stopped.cancel();
-    let (mut check_ins, mut unacknowledged, mut misses) = (0, 0, 0);
-    let mut h = histogram();
-    while let Some(r) = set.join_next().await {
-        let o = r.map_err(|e| BenchError::Mismatch(format!("agent driver failed: {e}")))?;
-        check_ins += o.check_ins;
-        unacknowledged += o.unacknowledged;
-        misses += o.samples.merge_into(&mut h);
-    }
+    let Collected { check_ins, unacknowledged, misses, latency: h } = collect(&mut set).await?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = server.cpu_seconds() - cpu_before;
     report.totals_query = join_thread(query)?;

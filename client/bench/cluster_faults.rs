@@ -9,7 +9,7 @@ use tonic::{Code, transport::Channel};
 
 use super::{
     BenchArgs, BenchError, Ctx,
-    agents::drive as drive_agent,
+    agents::{Collected, collect, drive as drive_agent},
     cluster_load::{etcd_counters, interleaved},
     latency::{Latency, Samples, histogram, summarize},
     process::ServerProcess,
@@ -163,14 +163,7 @@ pub(super) async fn reference_peak(
     }
     tokio::time::sleep(args.duration).await;
     stopped.cancel();
-    let (mut check_ins, mut unacknowledged, mut misses) = (0, 0, 0);
-    let mut h = histogram();
-    while let Some(r) = set.join_next().await {
-        let o = r.map_err(|e| BenchError::Mismatch(format!("agent driver failed: {e}")))?;
-        check_ins += o.check_ins;
-        unacknowledged += o.unacknowledged;
-        misses += o.samples.merge_into(&mut h);
-    }
+    let Collected { check_ins, unacknowledged, misses, latency: h } = collect(&mut set).await?;
     let seconds = started.elapsed().as_secs_f64();
     let etcd_after = etcd_counters(Some(etcd)).await?;
     let server_cpu_cores = (cpu() - cpu_before) / seconds;

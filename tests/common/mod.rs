@@ -702,3 +702,37 @@ pub fn start_http(ts: &TestServer, public: bool) -> String {
             .expect("start the HTTP thread");
     format!("http://{addr}")
 }
+
+// ───────────────────────────── the headcount binary ─────────────────────────────
+
+/// Runs the real `headcount` binary with `args` (which must include `--json`), at most
+/// `deadline` (killed and failed after it), asserts it succeeded and returns its JSON output.
+/// `RUST_LOG=error` keeps its standard error to what went wrong.
+pub fn headcount_json(args: &[&str], deadline: Duration) -> serde_json::Value {
+    use std::io::Read;
+    let what = format!("headcount {}", args.join(" "));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_headcount"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for the child") {
+            break s;
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not finish within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read stdout");
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
+    assert!(status.success(), "{what} failed: {status}\n{err}\n{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: --json prints JSON ({e}): {out}"))
+}
